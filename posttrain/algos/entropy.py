@@ -1,0 +1,45 @@
+"""Token-entropy statistics, the signal every entropy-control method watches.
+
+Entropy of the policy at position t: H_t = logsumexp(z/T) - sum softmax(z/T) * z/T over the full vocabulary
+(ALGORITHMS.md, "Evaluation metrics"). These functions summarise many H_t values; they do not decide anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TOP_FRACTION = 0.2
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary entropy per position. logits [..., V] -> [...] (float32 math)."""
+    z = logits.float() / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_flatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The valid entries of values [B, T] under mask [B, T] (0/1 or bool) as a 1-D tensor."""
+    return values[mask.bool()].detach().float()
+
+
+def entropy_summary(entropies: torch.Tensor, top_fraction: float = TOP_FRACTION) -> dict[str, float]:
+    """Mean, p50, p95 and top-20% mean of a 1-D tensor of token entropies.
+
+    top20_mean is the mean over the ceil(0.2 n) highest-entropy tokens: the "forking" tokens whose entropy
+    collapses last and matters most for exploration (Wang et al., "Beyond the 80/20 rule"). NaN entries are
+    ignored; an empty input gives NaN for every statistic (TRL's logger skips NaN).
+    """
+    x = entropies.detach().float().flatten()
+    x = x[~torch.isnan(x)]
+    if x.numel() == 0:
+        return {"mean": math.nan, "p50": math.nan, "p95": math.nan, "top20_mean": math.nan}
+    k = max(1, math.ceil(top_fraction * x.numel()))
+    return {
+        "mean": x.mean().item(),
+        "p50": torch.quantile(x, 0.5).item(),
+        "p95": torch.quantile(x, 0.95).item(),
+        "top20_mean": torch.topk(x, k).values.mean().item(),
+    }

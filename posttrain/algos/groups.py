@@ -1,0 +1,31 @@
+"""Per-group exploration signals of GRPO batches: how many groups carry no learning signal, and how
+diverse each group's final answers are. Groups are contiguous blocks of `group_size` completions (TRL order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+
+def group_outcome_fractions(correct: torch.Tensor, group_size: int) -> dict[str, float]:
+    """Fractions of groups whose completions are all correct / all wrong. correct [B] bool, B = groups * G.
+
+    Both kinds of group give zero GRPO advantage, so together they are the share of wasted rollouts.
+    """
+    if correct.numel() % group_size:
+        raise ValueError(f"batch of {correct.numel()} completions is not a multiple of group size {group_size}")
+    grouped = correct.bool().view(-1, group_size)
+    return {
+        "frac_all_correct": grouped.all(dim=1).float().mean().item(),
+        "frac_all_wrong": (~grouped).all(dim=1).float().mean().item(),
+    }
+
+
+def mean_unique_per_group(answers: Sequence[Hashable | None], group_size: int) -> float:
+    """Mean number of distinct final answers per group; a missing answer (None) counts as one value."""
+    if len(answers) % group_size:
+        raise ValueError(f"{len(answers)} answers is not a multiple of group size {group_size}")
+    groups = [answers[i : i + group_size] for i in range(0, len(answers), group_size)]
+    return sum(len(set(g)) for g in groups) / max(len(groups), 1)

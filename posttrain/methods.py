@@ -1,0 +1,49 @@
+"""Registry of training methods: recipe `method:` name -> trainer and config classes.
+
+Classes are named by import path and loaded lazily, so reading and validating a recipe does not
+import the trainers of every other method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    trainer: str  # "module:Class"
+    config: str  # "module:Class", a dataclass extending the TRL config of that trainer
+    kind: str  # "grpo", "dpo", ...: which data/reward wiring the method needs
+
+    @staticmethod
+    def _load(path: str) -> type:
+        module, _, attr = path.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def trainer_class(self) -> type:
+        return self._load(self.trainer)
+
+    def config_class(self) -> type:
+        return self._load(self.config)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, trainer: str, config: str, kind: str) -> None:
+    METHODS[name] = MethodSpec(name=name, trainer=trainer, config=config, kind=kind)
+
+
+register_method("grpo", "posttrain.trainers.grpo:GRPOTrainer", "posttrain.trainers.grpo:GRPOConfig", "grpo")
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}.{hint}")
+    return METHODS[name]

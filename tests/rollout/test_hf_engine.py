@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from posttrain.models import load_model, load_tokenizer
+from posttrain.rollout import HFEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = load_model("tiny-qwen2")
+    tok = load_tokenizer("tiny-qwen2")
+    return HFEngine(model, tok, batch_size=3, progress=False)
+
+
+def _prompts(engine, n=4):
+    tok = engine.tokenizer
+    return [tok.apply_chat_template([{"role": "user", "content": f"What is {i} + {i}?"}], tokenize=False,
+                                    add_generation_prompt=True) for i in range(n)]
+
+
+def test_shapes_and_logprobs_match_a_forward_pass(engine):
+    prompts = _prompts(engine)
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=0.7, max_new_tokens=6, seed=1, logprobs=True,
+                                                  entropies=True))
+    assert [o.prompt for o in out] == prompts and all(len(o.completions) == 2 for o in out)
+    c = out[1].completions[0]
+    assert len(c.token_ids) == len(c.logprobs) == len(c.entropies) <= 6
+    assert c.finish_reason in ("stop", "length")
+    assert all(lp <= 0 for lp in c.logprobs) and all(0 <= h <= math.log(len(engine.tokenizer)) + 1e-4 for h in c.entropies)
+    # Recompute with one forward pass over prompt + completion at the same temperature.
+    ids = torch.tensor([out[1].prompt_token_ids + c.token_ids])
+    with torch.no_grad():
+        logits = engine.model(ids).logits[0, len(out[1].prompt_token_ids) - 1 : -1] / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+
+
+def test_same_seed_same_completions(engine):
+    sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=123)
+    a = engine.generate(_prompts(engine), sp)
+    b = engine.generate(_prompts(engine), sp)
+    assert [[c.token_ids for c in o.completions] for o in a] == [[c.token_ids for c in o.completions] for o in b]
+
+
+def test_greedy_is_batch_invariant(engine):
+    prompts = _prompts(engine, 5)
+    batched = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=6))
+    single = [engine.generate([p], SamplingParams(temperature=0, max_new_tokens=6))[0] for p in prompts]
+    assert [o.completions[0].token_ids for o in batched] == [o.completions[0].token_ids for o in single]
+
+
+def test_empty_prompt_list(engine):
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_prompt_longer_than_context_is_rejected(engine):
+    long = "1 + " * 2000
+    with pytest.raises(ValueError, match="prompt 1 has .* tokens"):
+        engine.generate(["hi", long], SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"top_p": 0}, "top_p must be in"),
+    ({"n": 0}, "n must be an integer"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be"),
+    ({"n": 4, "temperature": 0}, "identical copies"),
+])
+def test_bad_sampling_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,143 @@
+"""The entropy-tracking GRPO base: metrics land in trainer_state.json, LoRA and full training run,
+the maths equals TRL's, resume reproduces an uninterrupted run, method state survives checkpoints."""
+
+import json
+import re
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+
+from posttrain.models import load_model, load_tokenizer, lora_config
+from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+
+TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
+           "groups/frac_all_correct", "groups/frac_all_wrong", "groups/unique_answers"]
+
+
+def digit_reward(prompts, completions, answer, **kwargs):
+    """A reward a random tiny model earns sometimes: a quarter point per digit, capped at 1."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [min(len(re.findall(r"\d", t)) / 4, 1.0) for t in texts]
+
+
+digit_reward.__name__ = "accuracy"
+
+
+def dataset():
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+            for a in range(6) for b in range(6)]
+    return Dataset.from_list(rows)
+
+
+def config_kwargs(out, **kw):
+    base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                max_completion_length=12, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
+                save_strategy="no", seed=0, learning_rate=5e-3, disable_tqdm=True)
+    base.update(kw)
+    return base
+
+
+def config(out, **kw):
+    return GRPOConfig(**config_kwargs(out, **kw))
+
+
+def make(out, cls=GRPOTrainer, peft=False, **kw):
+    kwargs = dict(model=load_model("tiny-qwen2"), reward_funcs=[digit_reward], args=config(out, **kw),
+                  train_dataset=dataset(), processing_class=load_tokenizer("tiny-qwen2"),
+                  peft_config=lora_config(r=4, alpha=8) if peft else None)
+    return cls(**kwargs)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_tracked_metrics_in_trainer_state(tmp_path, peft):
+    trainer = make(tmp_path, peft=peft)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    trainer.save_state()
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 2
+    for h in steps:
+        for key in TRACKED:
+            assert key in h, key
+        assert 0 <= h["groups/frac_all_correct"] + h["groups/frac_all_wrong"] <= 1
+        assert 1 <= h["groups/unique_answers"] <= 4
+        assert h["entropy/p50"] <= h["entropy/p95"] + 1e-6 and h["entropy/mean"] <= h["entropy/top20_mean"] + 1e-6
+        # Same tokens, same entropies: our mean equals TRL's own `entropy` metric.
+        assert h["entropy/mean"] == pytest.approx(h["entropy"], rel=1e-5)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
+    if peft:
+        assert all("lora" in n for n in before)
+
+
+def test_same_loss_and_weights_as_trl(tmp_path):
+    """The base only observes: on the same seed and data it trains exactly like TRL's GRPOTrainer."""
+    ours = make(tmp_path / "ours")
+    ours.train()
+    theirs = trl.GRPOTrainer(model=load_model("tiny-qwen2"), reward_funcs=[digit_reward],
+                             args=trl.GRPOConfig(**config_kwargs(tmp_path / "trl")),
+                             train_dataset=dataset(), processing_class=load_tokenizer("tiny-qwen2"))
+    theirs.train()
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(ours) == losses(theirs)
+    for (n, p), (_, q) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def _weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_resume_equals_uninterrupted(tmp_path, peft):
+    full = make(tmp_path / "full", peft=peft, max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = make(tmp_path / "resumed", peft=peft, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(resumed)[-2:] == pytest.approx(losses(full)[-2:], abs=1e-6)
+    a, b = _weights(full), _weights(resumed)
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-6), n
+
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class CountingTrainer(GRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counter = Counter()
+        self.method_states["counter"] = self.counter
+
+    def _compute_loss(self, model, inputs):
+        self.counter.count += 1
+        return super()._compute_loss(model, inputs)
+
+
+def test_method_state_saved_and_restored(tmp_path):
+    t = make(tmp_path / "a", cls=CountingTrainer, max_steps=3, save_strategy="steps", save_steps=2)
+    t.train()
+    saved = json.loads((tmp_path / "a" / "checkpoint-2" / "posttrain_state.json").read_text())
+    assert saved == {"counter": {"count": 2}}
+    r = make(tmp_path / "b", cls=CountingTrainer, max_steps=3)
+    r.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert r.counter.count == 3  # 2 restored + 1 step after the resume
+
+
+def test_missing_method_state_is_an_error(tmp_path):
+    make(tmp_path / "plain", max_steps=2, save_strategy="steps", save_steps=2).train()
+    r = make(tmp_path / "b", cls=CountingTrainer, max_steps=3)
+    with pytest.raises(FileNotFoundError, match="cannot restore method state"):
+        r.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
