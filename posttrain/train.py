@@ -103,9 +103,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
     method = get_method(recipe.method)
     config = trainer_config(recipe, method.config_class())
     m = recipe.model
-    tokenizer = load_tokenizer(m.name_or_path, m.gguf_file, m.revision, m.trust_remote_code)
-    model = load_model(m.name_or_path, m.dtype, m.gguf_file, m.revision, m.trust_remote_code, m.attn_implementation)
-
+    # Tasks, options and reward names are checked before the (slow) model load.
     if recipe.data.train is None:
         raise ValueError(f"recipe {recipe.source}: data.train is required to train")
     train_spec = recipe.data.train
@@ -121,6 +119,8 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
         eval_ds = eval_task.load(split=es.split or "test", path=es.path, limit=recipe.eval.limit or es.limit)
         summary["n_eval"] = len(eval_ds)
         summary["eval_task"] = es.task
+    tokenizer = load_tokenizer(m.name_or_path, m.gguf_file, m.revision, m.trust_remote_code)
+    model = load_model(m.name_or_path, m.dtype, m.gguf_file, m.revision, m.trust_remote_code, m.attn_implementation)
     if eval_task is not None and recipe.eval.before and is_main and not resume:
         print(f"[posttrain] evaluating before training on {len(eval_ds)} {eval_task.name} problems ...", flush=True)
         before = _evaluate(model, tokenizer, recipe, eval_task, eval_ds, report_dir / "samples_before.jsonl")

@@ -1,0 +1,73 @@
+"""`posttrain train` end to end on the tiny model: every recipe runs with the contract overrides, and the
+quickstart pipeline writes its report (the SmolLM2 run itself is slow-marked)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.recipe import load_recipe
+from posttrain.train import run_recipe
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+QUICKSTART = RECIPES_DIR / "quickstart.yaml"
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
+           "groups/frac_all_correct", "groups/frac_all_wrong", "groups/unique_answers"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_runs_on_tiny_model(recipe, tmp_path):
+    r = load_recipe(recipe, ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                             "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8"])
+    result = run_recipe(r)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    assert (tmp_path / "recipe.yaml").is_file()
+    assert load_recipe(tmp_path / "recipe.yaml") == r  # the saved resolved recipe round-trips
+    assert result.summary["steps"] == 1
+
+
+def test_quickstart_pipeline_on_tiny_model(tmp_path):
+    r = load_recipe(QUICKSTART,
+                    ["model.name_or_path=tiny-qwen2", "trainer.max_steps=2", "eval.limit=5",
+                     "rollout.max_new_tokens=12", f"output_dir={tmp_path}"])
+    result = run_recipe(r)
+    report = tmp_path / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "n_eval", "train_minutes"):
+        assert key in summary, key
+    assert summary["n_eval"] == 5 and summary["steps"] == 2
+    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    before = [json.loads(line) for line in (report / "samples_before.jsonl").read_text().splitlines()]
+    assert len(before) == 5 and all(len(s["completions"]) == 1 for s in before)
+    # The summary's accuracy is the mean of the per-sample scores it wrote.
+    assert summary["accuracy_before"] == pytest.approx(sum(s["scores"][0] for s in before) / 5)
+    png = (report / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    steps = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
+    assert all(k in steps[0] for k in TRACKED)
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert all(k in history[0] for k in TRACKED)
+    assert (tmp_path / "adapter_model.safetensors").is_file()  # the quickstart trains a LoRA adapter
+    assert (report / "recipe.yaml").is_file() and "accuracy" in (report / "README.md").read_text()
+    assert result.report_dir == report
+
+
+def test_bad_task_option_fails_before_model_load(tmp_path, monkeypatch):
+    import posttrain.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    r = load_recipe(QUICKSTART, ["data.train.options.max_valeu=5", f"output_dir={tmp_path}"])
+    with pytest.raises(TypeError, match="max_valeu"):
+        run_recipe(r)
+
+
+@pytest.mark.slow
+def test_smollm2_quickstart_improves_heldout_accuracy(tmp_path):
+    """The real quickstart: GRPO + LoRA on SmolLM2-135M-Instruct raises greedy held-out accuracy.
+    Measured gains are about +0.3 (see README); 0.1 is well above the run-to-run spread."""
+    r = load_recipe(QUICKSTART, [f"output_dir={tmp_path}"])
+    summary = run_recipe(r).summary
+    assert summary["n_eval"] == 100
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
