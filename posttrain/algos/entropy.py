@@ -26,7 +26,7 @@ def masked_flatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_summary(entropies: torch.Tensor, top_fraction: float = TOP_FRACTION) -> dict[str, float]:
-    """Mean, p50, p95 and top-20% mean of a 1-D tensor of token entropies.
+    """Mean, p50, p80, p95 and top-20% mean of a tensor of token entropies (any shape, flattened).
 
     top20_mean is the mean over the ceil(0.2 n) highest-entropy tokens: the "forking" tokens whose entropy
     collapses last and matters most for exploration (Wang et al., "Beyond the 80/20 rule"). NaN entries are
@@ -35,11 +35,14 @@ def entropy_summary(entropies: torch.Tensor, top_fraction: float = TOP_FRACTION)
     x = entropies.detach().float().flatten()
     x = x[~torch.isnan(x)]
     if x.numel() == 0:
-        return {"mean": math.nan, "p50": math.nan, "p95": math.nan, "top20_mean": math.nan}
-    k = max(1, math.ceil(top_fraction * x.numel()))
+        return {"mean": math.nan, "p50": math.nan, "p80": math.nan, "p95": math.nan, "top20_mean": math.nan}
+    # ceil(n * fraction) in integers for the default 1/5, so float rounding can never add a token
+    k = -(-x.numel() // 5) if top_fraction == TOP_FRACTION else max(1, math.ceil(top_fraction * x.numel()))
+    p50, p80, p95 = torch.quantile(x.double(), torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64)).tolist()
     return {
-        "mean": x.mean().item(),
-        "p50": torch.quantile(x, 0.5).item(),
-        "p95": torch.quantile(x, 0.95).item(),
-        "top20_mean": torch.topk(x, k).values.mean().item(),
+        "mean": x.double().mean().item(),
+        "p50": p50,
+        "p80": p80,
+        "p95": p95,
+        "top20_mean": torch.topk(x.double(), k).values.mean().item(),
     }

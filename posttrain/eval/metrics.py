@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import torch
+
+from posttrain.algos.entropy import entropy_summary
 
 __all__ = [
     "avg_at_n",
@@ -25,6 +28,7 @@ __all__ = [
     "mean_stderr",
     "pass_at_k",
     "pass_at_k_all",
+    "ratio_mean_stderr",
     "unique_answers",
 ]
 
@@ -61,6 +65,33 @@ def mean_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     if n == 1:
         return mean, 0.0
     return mean, float(arr.std(ddof=1) / math.sqrt(n))
+
+
+def ratio_mean_stderr(sums: Sequence[float] | np.ndarray, counts: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Pooled mean R = sum_p S_p / sum_p T_p of a per-token quantity (entropy, KL) whose tokens come in
+    clusters p (the prompts: samples of one prompt are not independent), with the cluster-robust
+    (delta-method) standard error
+
+        stderr^2 = P / (P - 1) * sum_p (S_p - R T_p)^2 / (sum_p T_p)^2.
+
+    ``sums[p]`` = S_p is the sum over the cluster's tokens, ``counts[p]`` = T_p their number. Clusters
+    with no token are dropped; with one cluster left stderr is 0.0. Raises ``ValueError`` when there is
+    no token at all or the lengths differ.
+    """
+    s, t = _as_float_array(sums, "sums"), _as_float_array(counts, "counts")
+    if s.size != t.size:
+        raise ValueError(f"sums has {s.size} values but counts has {t.size}")
+    keep = t > 0
+    s, t = s[keep], t[keep]
+    total = float(t.sum())
+    if total <= 0:
+        raise ValueError("ratio_mean_stderr: no tokens")
+    ratio = float(s.sum() / total)
+    p = s.size
+    if p == 1:
+        return ratio, 0.0
+    resid = s - ratio * t
+    return ratio, float(math.sqrt(p / (p - 1) * float(np.sum(resid**2))) / total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,28 +237,17 @@ def entropy_stats(token_entropies: Sequence[float] | np.ndarray) -> dict[str, fl
     """Summary of per-token entropies H_t (already masked to valid completion tokens; any shape,
     flattened; torch tensors accepted).
 
-    Returns ``mean``, ``p50``, ``p80``, ``p95`` (numpy linear-interpolation percentiles),
+    Returns ``mean``, ``p50``, ``p80``, ``p95`` (linear-interpolation percentiles),
     ``top20_mean`` = mean of the ceil(0.2 n) largest entropies (the "forking" tokens), and ``count``
-    = n. NaN entries (padding) are dropped before counting, as in
-    :func:`posttrain.algos.entropy.entropy_summary`, the torch sibling used during training; +-inf
-    raises ``ValueError``. With no tokens the statistics are None and count is 0 (never NaN, so the
+    = n. The numbers come from :func:`posttrain.algos.entropy.entropy_summary`,
+    the same code that logs entropy during training; NaN entries (padding) are dropped before counting,
+    +-inf raises ``ValueError``. With no tokens the statistics are None and count is 0 (never NaN, so the
     dict serialises to valid JSON).
     """
     arr = _as_float_array(token_entropies, "token_entropies", drop_nan=True)
-    n = int(arr.size)
-    if n == 0:
+    if arr.size == 0:
         return {"mean": None, "p50": None, "p80": None, "p95": None, "top20_mean": None, "count": 0}
-    p50, p80, p95 = np.percentile(arr, [50.0, 80.0, 95.0])
-    n_top = -(-n // 5)  # ceil(n / 5), in integers so that no float rounding can add a token
-    top = np.partition(arr, n - n_top)[n - n_top :]
-    return {
-        "mean": float(arr.mean()),
-        "p50": float(p50),
-        "p80": float(p80),
-        "p95": float(p95),
-        "top20_mean": float(top.mean()),
-        "count": n,
-    }
+    return {**entropy_summary(torch.from_numpy(arr)), "count": int(arr.size)}
 
 
 def fit_entropy_law(entropy: Sequence[float], reward: Sequence[float]) -> dict[str, float]:

@@ -10,9 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from posttrain.algos.entropy import entropy_summary
+from posttrain.eval.metrics import entropy_stats
 from posttrain.rollout.base import RolloutEngine, SamplingParams
 
 
@@ -50,5 +48,5 @@ def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: Any, dataset: Any
     result: dict[str, Any] = {"accuracy": accuracy, "accuracy_stderr": stderr, "n_prompts": len(rows),
                               "n_samples": n, "mean_length": sum(lengths) / n if n else math.nan}
     if entropies:
-        result["entropy"] = entropy_summary(torch.tensor(entropies))
+        result["entropy"] = entropy_stats(entropies)
     return result

@@ -25,6 +25,7 @@ def test_entropy_summary_hand_values():
     assert s["top20_mean"] == pytest.approx(9.5)  # top ceil(2) = {10, 9}
     assert entropy_summary(torch.tensor([3.0]))["top20_mean"] == 3.0
     assert all(math.isnan(v) for v in entropy_summary(torch.tensor([])).values())
+    assert s["p80"] == pytest.approx(8.2)  # 1 + 0.8 * 9
     assert entropy_summary(torch.tensor([1.0, float("nan"), 3.0]))["mean"] == pytest.approx(2.0)
 
 
