@@ -1,4 +1,4 @@
-"""Command line: `posttrain train|quickstart|models ...` (also `python -m posttrain ...` and
+"""Command line: `posttrain train|quickstart|eval|models ...` (also `python -m posttrain ...` and
 `accelerate launch -m posttrain train ...`)."""
 
 from __future__ import annotations
@@ -60,6 +60,43 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.eval.api import EvalUsageError, run_eval, run_forgetting
+    from posttrain.eval.harness import ResumeMismatch
+    from posttrain.eval.lm_eval_backend import LMEvalMissing
+
+    paths = {}
+    for item in args.path or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name or not value:
+            print(f"posttrain: error: --path expects TASK=PATH, got {item!r}", file=sys.stderr)
+            return 2
+        paths[name] = value
+    common = dict(engine=args.engine, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                  limit=args.limit, seed=args.seed, data_dir=args.data_dir, paths=paths or None,
+                  batch_size=args.batch_size, dtype=args.dtype, resume=not args.overwrite,
+                  progress=not args.no_progress, tasks=args.task)
+    adapters = args.adapter or []
+    try:
+        if len(args.model) > 1 or len(adapters) > 1:
+            results = run_forgetting(args.model, args.suite, args.output, adapters=adapters, base_model=args.base_model,
+                                     **common)
+            m = results["continual"]["metrics"]
+            print(f"[posttrain] forgetting: ACC {m['acc']}, BWT {m['bwt']}, FWT {m['fwt']}")
+        else:
+            results = run_eval(args.model[0], args.suite, args.output, adapter=adapters[0] if adapters else None,
+                               base_model=args.base_model, training_log=args.training_log, **common)
+            for name, res in results["tasks"].items():
+                acc, se = res["metrics"].get("accuracy"), res["stderr"].get("accuracy")
+                shown = "-" if acc is None else f"{acc:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+                print(f"[posttrain] {name}: accuracy {shown}")
+    except (EvalUsageError, ResumeMismatch, LMEvalMissing) as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+    print(f"[posttrain] results in {args.output}/results.json and results.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training recipes on the Hugging Face stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +123,44 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=_cmd_models_pull)
     lst = msub.add_parser("list", help="list named models and whether they are cached")
     lst.set_defaults(func=_cmd_models_list)
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a model (or a sequence of checkpoints) on an eval suite",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a model, with an optional PEFT adapter (not merged), on a suite of eval/*.yaml. Writes "
+                    "results.json, results.md, samples_<task>.jsonl and PNG plots into --output; an interrupted "
+                    "run resumes from the sample files in --output.\n\n"
+                    "  posttrain eval --model tiny-qwen2 --suite eval/reasoning.yaml --limit 5 \\\n"
+                    "      --data-dir ../shared/data/benchmarks --output /tmp/ev\n\n"
+                    "Forgetting (continual learning): give one checkpoint per training stage, in order, with a\n"
+                    "continual suite (tasks in training order); the stage x task accuracy matrix, ACC, BWT, FWT and\n"
+                    "forgetting go to --output, each stage's full results to --output/stage<i>_<name>/:\n"
+                    "  posttrain eval --model ckpt1 --model ckpt2 --model ckpt3 --suite eval/continual.yaml ...\n"
+                    "  posttrain eval --model BASE --adapter stage1 --adapter stage2 --suite eval/continual.yaml ...\n"
+                    "(FWT needs the base row: --base-model, or the adapters' base, evaluated into --output/base/).")
+    ev.add_argument("--model", action="append", required=True,
+                    help="named model (tiny-qwen2, smollm2-135m-instruct), local dir, .gguf or Hub id; repeat for stages")
+    ev.add_argument("--adapter", action="append", metavar="DIR", help="PEFT adapter folder; repeat for stages")
+    ev.add_argument("--suite", required=True, help="suite YAML (a path, or a name under eval/: reasoning, retention, continual)")
+    ev.add_argument("--output", required=True, metavar="DIR", help="output folder (reused to resume)")
+    ev.add_argument("--limit", type=int, help="first N prompts of each task")
+    ev.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout backend (default hf)")
+    ev.add_argument("--n", type=int, help="samples per prompt for every task (overrides the suite)")
+    ev.add_argument("--temperature", type=float, help="sampling temperature for every task; 0 = greedy (n 1)")
+    ev.add_argument("--max-new-tokens", type=int, help="completion length cap for every task")
+    ev.add_argument("--seed", type=int, help="sampling seed for every task")
+    ev.add_argument("--data-dir", metavar="DIR", help="local data: relative task paths resolve here; tasks without "
+                                                      "a path read DIR/<task>.jsonl (e.g. ../shared/data/benchmarks)")
+    ev.add_argument("--path", action="append", metavar="TASK=PATH", help="data path for one task (repeatable)")
+    ev.add_argument("--task", action="append", metavar="NAME", help="evaluate only these suite tasks (repeatable)")
+    ev.add_argument("--base-model", help="reference model for KL on retention prompts (and the FWT base row)")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--training-log", metavar="PATH",
+                    help="trainer_state.json / run folder / metrics.jsonl: also plot training curves and the entropy law")
+    ev.add_argument("--overwrite", action="store_true", help="ignore existing sample files instead of resuming")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from posttrain.data import math as _math  # noqa: F401 - registers gsm8k, math500, aime24, amc23
 from posttrain.data import synthetic as _synthetic  # noqa: F401 - registers arithmetic
+from posttrain.data import classification as _classification, multiple_choice as _mc  # noqa: F401 - registers classification, multiple_choice, mmlu_stem
 from posttrain.data.math import MathTask
 from posttrain.data.sources import read_jsonl, resolve_jsonl, write_jsonl
 from posttrain.data.synthetic import ArithmeticTask
