@@ -37,6 +37,8 @@ def register_method(name: str, trainer: str, config: str, kind: str) -> None:
 
 
 register_method("grpo", "posttrain.trainers.grpo:GRPOTrainer", "posttrain.trainers.grpo:GRPOConfig", "grpo")
+for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo", "BNPO")):
+    register_method(_name, f"posttrain.trainers.grpo:{_cls}Trainer", f"posttrain.trainers.grpo:{_cls}Config", "grpo")
 
 
 def get_method(name: str) -> MethodSpec:

@@ -66,6 +66,7 @@ def trainer_config(recipe: Recipe, config_class: type) -> Any:
 
 
 def _load_task(spec: Any, system_prompt: str | None) -> Any:
+    import posttrain.envs  # noqa: F401 - registers the multi-turn environments' tasks (guessing)
     from posttrain.data import get_task
 
     return get_task(spec.task, system_prompt=system_prompt, **spec.options)
@@ -135,11 +136,19 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
     trainer = method.trainer_class()(
         model=model, reward_funcs=rewards, args=config, train_dataset=train_ds, processing_class=tokenizer,
         peft_config=peft_config, answer_extractor=train_task.extract_answer,
+        # Multi-turn environments (posttrain.envs) drive generation through TRL's rollout_func.
+        **({"rollout_func": train_task.rollout_func(train_ds)} if hasattr(train_task, "rollout_func") else {}),
     )
+    from posttrain.eval.callback import add_eval_callback  # eval.suites every eval.every_n_steps (None if unset)
+
+    eval_callback = add_eval_callback(trainer, recipe, tokenizer, report_dir)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     summary["train_minutes"] = (time.perf_counter() - t0) / 60
     summary["steps"] = trainer.state.global_step
+    if eval_callback is not None:
+        summary["eval_during_training"] = eval_callback.summary()
+        summary["entropy_collapse"] = eval_callback.collapse_message()
     trainer.save_model(str(output_dir))
     trainer.save_state()
 
@@ -197,6 +206,8 @@ def _report_markdown(summary: dict[str, Any], plot: Path | None) -> str:
         lines.append(f"Training: {summary.get('steps')} steps in {summary['train_minutes']:.1f} min.")
     if "entropy_min" in summary:
         lines.append(f"Lowest token entropy during training: {summary['entropy_min']:.3f}.")
+    if summary.get("entropy_collapse"):
+        lines.append(f"**Entropy collapse warning**: {summary['entropy_collapse']}.")
     if plot is not None:
         lines += ["", f"![reward and entropy over steps]({Path(plot).name})"]
     return "\n".join(lines) + "\n"

@@ -16,10 +16,20 @@ TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
            "groups/frac_all_correct", "groups/frac_all_wrong", "groups/unique_answers"]
 
 
+HUB_TASKS = {"gsm8k", "math500", "aime24", "amc23"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_recipe_runs_on_tiny_model(recipe, tmp_path):
-    r = load_recipe(recipe, ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
-                             "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8"])
+def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
+    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides.
+    GPU-scale recipes are run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
+    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                 "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
+    if load_recipe(recipe).data.train.task in HUB_TASKS:
+        bench = request.getfixturevalue("benchmarks_dir")  # skips when ../shared/data is absent
+        overrides += [f"data.train.path={bench}", "data.train.limit=16", "trainer.per_device_train_batch_size=8",
+                      "trainer.gradient_accumulation_steps=1"]
+    r = load_recipe(recipe, overrides)
     result = run_recipe(r)
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 1

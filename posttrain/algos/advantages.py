@@ -101,13 +101,20 @@ def grpo(rewards: Tensor, group_size: int, args: GRPOArgs) -> Tensor:
 @dataclass(frozen=True)
 class BNPOArgs:
     """Rewards are mapped to [0, 1] by ``(R - reward_min) / (reward_max - reward_min)`` (then clipped);
-    ``max_inverse_pdf`` clamps 1/BetaPDF (the paper's 1e6)."""
+    ``max_inverse_pdf`` clamps 1/BetaPDF (the paper's 1e6). ``fixed_alpha`` / ``fixed_beta``: use these
+    instead of the batch fit (e.g. 3/2 and 3/2: GRPO with population std, up to the constant pi/8)."""
 
     reward_min: float = 0.0
     reward_max: float = 1.0
     max_inverse_pdf: float = 1e6
+    fixed_alpha: float | None = None
+    fixed_beta: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("fixed_alpha", "fixed_beta"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1.0:
+                raise ValueError(f"{name} must be >= 1 (BNPO's alpha, beta = max(1 + a/3, 1)), got {value}")
         if not self.reward_max > self.reward_min:
             raise ValueError(f"reward_max ({self.reward_max}) must exceed reward_min ({self.reward_min})")
         if not self.max_inverse_pdf > 0:
@@ -185,7 +192,9 @@ def bnpo(rewards: Tensor, group_size: int, args: BNPOArgs) -> Tensor:
     grouped = _grouped(rewards, group_size)
     scaled = ((grouped - args.reward_min) / (args.reward_max - args.reward_min)).clamp(0.0, 1.0)
     fit = bnpo_beta_fit(torch.nanmean(scaled, dim=1))
-    return bnpo_advantages(rewards, group_size, fit.alpha, fit.beta, args)
+    alpha = fit.alpha if args.fixed_alpha is None else args.fixed_alpha
+    beta = fit.beta if args.fixed_beta is None else args.fixed_beta
+    return bnpo_advantages(rewards, group_size, alpha, beta, args)
 
 
 def bnpo_decomposed(rewards_per_func: Tensor, group_size: int, args: BNPOArgs | list[BNPOArgs]) -> Tensor:

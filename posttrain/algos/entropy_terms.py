@@ -27,6 +27,8 @@ __all__ = [
     "epo_loss_term",
     "epo",
     "no_entropy_term",
+    "turn_ids_from_env_mask",
+    "per_turn_sums",
     "EPOState",
     "DCPOState",
     "ClipCovArgs",
@@ -138,6 +140,7 @@ def epo_loss_term(
     averaging of alpha * P(H) (``epo_band_penalty``; P of the turn means, or of token entropies with
     ``penalty_level="token"``). lambda = 0 -> 0; alpha = 0 -> the plain entropy bonus -lambda * H_traj.
     Diagnostics: ``entropy_traj`` (feed the gathered mean to ``EPOState.update``), ``smooth_penalty``,
+    ``corridor_fraction`` (share of turn means inside the corridor; 1 when ``h_bar`` is None),
     ``beta``, ``h_bar`` and ``turn_entropy/{j}`` (mean over trajectories of turn j) when turns are given.
     """
     means, present = _turn_means(token_entropy, mask, turn_ids)
@@ -149,9 +152,13 @@ def epo_loss_term(
     smooth = args.alpha * _trajectory_mean(penalty_means, present)
     beta = epo_beta(k, total_steps, args.gamma)
     term = -args.lam * (h_traj - beta * smooth)
+    with torch.no_grad():  # share of (trajectory, turn) means inside [kappa_l Hbar, kappa_r Hbar]
+        inside = present if h_bar is None else present & (epo_band_penalty(means, h_bar, args) == 0)
+        corridor = inside.sum().to(means.dtype) / present.sum().clamp(min=1).to(means.dtype)
     diagnostics = {
         "entropy_traj": h_traj.detach(),
         "smooth_penalty": smooth.detach(),
+        "corridor_fraction": corridor,
         "beta": torch.tensor(beta, dtype=h_traj.dtype, device=h_traj.device),
     }
     if h_bar is not None:
@@ -161,6 +168,27 @@ def epo_loss_term(
         per_turn = (means.detach() * present).sum(0) / count.clamp(min=1)
         diagnostics.update({f"turn_entropy/{j}": per_turn[j] for j in range(per_turn.numel()) if count[j] > 0})
     return term, diagnostics
+
+
+def turn_ids_from_env_mask(env_mask: Tensor) -> Tensor:
+    """0-based turn index of every completion token from a multi-turn env mask ``[B, T]`` (1: model token,
+    0: environment token, TRL's ``tool_mask``): a new turn starts at each 0 -> 1 transition. ``[B, T]`` long."""
+    m = env_mask.long()
+    starts = (m[:, 1:] == 1) & (m[:, :-1] == 0)
+    return torch.cat([torch.zeros_like(m[:, :1]), starts.long().cumsum(1)], dim=1)
+
+
+@torch.no_grad()
+def per_turn_sums(values: Tensor, mask: Tensor, turn_ids: Tensor, n_turns: int) -> tuple[Tensor, Tensor]:
+    """Per-turn sums of the trajectories' turn token-means and how many trajectories have that turn:
+    ``(sums [n_turns], counts [n_turns])``, turns >= ``n_turns`` dropped. Sum both over processes, then
+    sums / counts is the mean over trajectories of turn j's token-mean (per-turn entropy to log)."""
+    means, present = _turn_means(values.detach(), mask, turn_ids)
+    sums, counts = values.new_zeros(n_turns), values.new_zeros(n_turns)
+    j = min(n_turns, means.shape[1])
+    sums[:j] = (means * present)[:, :j].sum(0)
+    counts[:j] = present[:, :j].sum(0).to(values.dtype)
+    return sums, counts
 
 
 @ENTROPY_TERMS.register("epo", args=EPOArgs)
