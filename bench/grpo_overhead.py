@@ -1,10 +1,13 @@
-"""Step-time overhead of posttrain's GRPO base (entropy + group tracking) against TRL's GRPOTrainer.
+"""Step-time overhead of posttrain's GRPO trainers against TRL's plain GRPOTrainer: the base `grpo` (entropy and
+group tracking only, target <= 1.05) and the entropy-control trainers (STEER, EPO, DCPO, BNPO).
 
-Both trainers run in this one process on the same model, data, batch and seed, alternating so that
-machine noise hits both alike; the report is the ratio of median step times (target: <= 1.05).
+All trainers run in this one process on the same model, data, batch and seed, in alternating rounds so that
+machine noise hits them alike; the report is each method's median step time over TRL's (targets: <= 1.10 for
+STEER, EPO and BNPO, <= 1.30 for DCPO, which redoes the LM-head projection at a second temperature).
 
-    python bench/grpo_overhead.py                                   # tiny-qwen2, seconds
-    python bench/grpo_overhead.py --model smollm2-135m-instruct --steps 4 --max-new-tokens 48
+    python bench/grpo_overhead.py                                     # tiny-qwen2, about a minute
+    python bench/grpo_overhead.py --methods grpo dcpo --steps 8
+    python bench/grpo_overhead.py --model smollm2-135m-instruct --steps 4 --max-new-tokens 48 --lora
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from posttrain.models import load_model, load_tokenizer, lora_config
-from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+from posttrain.trainers import grpo
+
+METHODS = ("grpo", "steer", "epo", "dcpo", "bnpo")  # "grpo": posttrain.trainers.grpo.GRPOTrainer
 
 
 def accuracy(prompts, completions, answer, **kwargs):
@@ -59,21 +64,25 @@ def run(trainer_cls, config_cls, args, out_dir) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-qwen2")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (TRL, ours)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (TRL, each method)")
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lora", action="store_true")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {"trl": [], "posttrain": []}
+    classes = {"trl": (trl.GRPOTrainer, trl.GRPOConfig)}
+    classes.update({m: (getattr(grpo, f"{m.upper()}Trainer"), getattr(grpo, f"{m.upper()}Config")) for m in args.methods})
+    times: dict[str, list[float]] = {k: [] for k in classes}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            times["trl"] += run(trl.GRPOTrainer, trl.GRPOConfig, args, f"{tmp}/trl")
-            times["posttrain"] += run(GRPOTrainer, GRPOConfig, args, f"{tmp}/ours")
+            for name, (trainer_cls, config_cls) in classes.items():
+                times[name] += run(trainer_cls, config_cls, args, f"{tmp}/{name}")
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"model": args.model, "lora": args.lora, "steps_timed": len(times["trl"]),
-              "trl_median_step_s": round(med["trl"], 4), "posttrain_median_step_s": round(med["posttrain"], 4),
-              "ratio": round(med["posttrain"] / med["trl"], 3)}
+              "trl_median_step_s": round(med["trl"], 4),
+              **{f"{m}_median_step_s": round(med[m], 4) for m in args.methods},
+              **{f"{m}_ratio": round(med[m] / med["trl"], 3) for m in args.methods}}
     print(json.dumps(result))
 
 
