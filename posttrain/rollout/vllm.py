@@ -145,7 +145,21 @@ class _Follows:
 
 # --- in-process engine ----------------------------------------------------------------------------------
 
-class VLLMEngine(_Follows):
+class _TextPrompts:
+    """`generate` from chat-formatted text, shared by the in-process engine and the server client: both
+    tokenize with the trainer's tokenizer and generate from token ids, so prompts match the trainer's exactly."""
+
+    tokenizer: Any
+
+    def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
+        """`sampling.n` completions per (already chat-formatted) prompt, in prompt order."""
+        if not prompts:
+            return []
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_ids(encoded, sampling, prompts=prompts)  # type: ignore[attr-defined]
+
+
+class VLLMEngine(_Follows, _TextPrompts):
     """An in-process vLLM `LLM`, colocated with training.
 
     model: a model directory or posttrain model name, or a loaded (PEFT or plain) transformers model: then
@@ -231,13 +245,6 @@ class VLLMEngine(_Follows):
             self.sync_weights(loaded)
 
     # --- generation -------------------------------------------------------------------------------------
-    def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
-        """`sampling.n` completions per (already chat-formatted) prompt, in prompt order."""
-        if not prompts:
-            return []
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return self.generate_ids(encoded, sampling, prompts=prompts)
-
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
                      prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
         """Like `generate` from token ids. extra: more `vllm.SamplingParams` fields (e.g. stop strings)."""
@@ -359,7 +366,7 @@ def _vllm_lora_rank(r: int) -> int:
 
 # --- client of a running `vllm serve` -------------------------------------------------------------------
 
-class VLLMServerEngine(_Follows):
+class VLLMServerEngine(_Follows, _TextPrompts):
     """Generates through a running `vllm serve` (OpenAI-compatible /v1/completions with token-id prompts).
 
     Start the server with `--logprobs-mode processed_logprobs` (what the importance-sampling correction
@@ -398,12 +405,6 @@ class VLLMServerEngine(_Follows):
         if r.status_code >= 400:
             raise RuntimeError(f"vLLM server {route} answered {r.status_code}: {r.text[:500]}")
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
-
-    def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
-        if not prompts:
-            return []
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return self.generate_ids(encoded, sampling, prompts=prompts)
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
                      prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
