@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from posttrain.algos.entropy import entropy_summary, masked_flatten
 from posttrain.algos.groups import group_outcome_fractions, mean_unique_per_group
+from posttrain.rewards import completion_text
 from posttrain.trainers.state import Stateful, load_states, save_states
 
 
@@ -39,13 +40,6 @@ class GRPOConfig(trl.GRPOConfig):
     correct_threshold: float = field(
         default=0.5, metadata={"help": "A completion is correct when that reward is above this value."}
     )
-
-
-def _completion_text(completion: Any) -> str:
-    """TRL completions are strings, or (conversational) lists of messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(m.get("content", "") or "" for m in completion if isinstance(m, dict))
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -121,7 +115,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         correct = torch.nan_to_num(score, nan=0.0) > self.args.correct_threshold
         for key, value in group_outcome_fractions(correct, group_size).items():
             self._metrics[mode][f"groups/{key}"].append(value)
-        texts = gather_object([_completion_text(c) for c in completions])
+        texts = gather_object([completion_text(c) for c in completions])
         answers = [self.answer_extractor(t) for t in texts]
         self._metrics[mode]["groups/unique_answers"].append(mean_unique_per_group(answers, group_size))
 
