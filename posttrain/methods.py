@@ -39,6 +39,10 @@ def register_method(name: str, trainer: str, config: str, kind: str) -> None:
 register_method("grpo", "posttrain.trainers.grpo:GRPOTrainer", "posttrain.trainers.grpo:GRPOConfig", "grpo")
 for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo", "BNPO")):
     register_method(_name, f"posttrain.trainers.grpo:{_cls}Trainer", f"posttrain.trainers.grpo:{_cls}Config", "grpo")
+# Any composition of registry components (advantage, token_weight, entropy_term) with GRPO's defaults, e.g.
+# QAE advantages or Clip-Cov token weights: `method: entropy_control` + `trainer: {advantage: qae}`.
+register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTrainer",
+                "posttrain.trainers.grpo:EntropyControlConfig", "grpo")
 
 
 def get_method(name: str) -> MethodSpec:

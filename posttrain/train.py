@@ -101,6 +101,12 @@ def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: An
     sampling = SamplingParams(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens or recipe.rollout.max_new_tokens,
                               top_p=1.0 if ev.temperature == 0 else recipe.rollout.top_p, seed=recipe.seed, entropies=True)
     if engine is None:
+        import torch
+
+        if torch.cuda.is_available() and model.device.type == "cpu":
+            # before training the model is still where from_pretrained left it; the trainer moves it to the
+            # accelerator anyway, so evaluate there (same numerics as the evaluation after training)
+            model.to(f"cuda:{torch.cuda.current_device()}")
         engine = HFEngine(model, tokenizer, batch_size=ev.batch_size)
     return evaluate_task(engine, tokenizer, task, dataset, sampling, samples_path=path)
 

@@ -15,6 +15,7 @@ terminal: nothing per turn). Two ways to run it under TRL 1.16:
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -158,12 +159,17 @@ def guessing_rollout(secrets: dict[str, int], max_turns: int = 4, tokens_per_tur
 
     Each turn the model generates up to `tokens_per_turn` tokens (sampling with the trainer's temperature),
     the environment answers, and the loop continues until the game ends or `max_completion_length` is
-    reached. Returns prompt_ids, completion_ids, logprobs (None: TRL recomputes them), env_mask, solved,
-    turns (extra fields go to the reward functions).
+    reached. Generation goes through the trainer's shared rollout engine (`rollout.engine: vllm`: synced to
+    the current weights, put back to sleep after the rollout when it sleeps between steps), else through an
+    `HFEngine` around the trainer's model; both continue the token contexts as they are. Returns prompt_ids,
+    completion_ids, logprobs, env_mask, solved, turns (extra fields go to the reward functions). logprobs: with
+    the shared engine, the sampled tokens' log-probabilities (NaN on feedback tokens, which TRL's importance
+    sampling correction then leaves at ratio 1); without it None (TRL's own forward is on-policy).
     """
-    import torch
 
     def rollout(prompts: list, trainer: Any) -> dict[str, Any]:
+        from posttrain.rollout import HFEngine, SamplingParams
+
         tok = trainer.processing_class
         games = [GuessingGame(secret=secrets[_prompt_key(p)], low=low, high=high, max_turns=max_turns) for p in prompts]
         prompt_ids = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -172,41 +178,39 @@ def guessing_rollout(secrets: dict[str, int], max_turns: int = 4, tokens_per_tur
         completion = [[] for _ in prompts]
         env_mask = [[] for _ in prompts]
         budget = trainer.max_completion_length
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        engine = getattr(trainer, "rollout_engine", None)
+        shared = engine is not None
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        if not shared:
+            engine = HFEngine(trainer.accelerator.unwrap_model(trainer.model), tok, batch_size=max(len(prompts), 1),
+                              progress=False)
+        sampling = SamplingParams(n=1, temperature=trainer.temperature, top_p=trainer.top_p,
+                                  top_k=trainer.top_k or None, min_p=trainer.min_p, max_new_tokens=tokens_per_turn,
+                                  logprobs=shared)
         eos_ids = set(trainer.eos_token_ids)
-        pad = tok.pad_token_id
-        was_training = model.training
-        model.eval()
-        try:
-            for _ in range(max_turns):
-                active = [i for i, g in enumerate(games) if not g.done and len(completion[i]) < budget]
-                if not active:
-                    break
-                contexts = [prompt_ids[i] + completion[i] for i in active]
-                width = max(map(len, contexts))
-                ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
-                attn = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
-                with torch.no_grad():
-                    out = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
-                                         max_new_tokens=tokens_per_turn, do_sample=True,
-                                         temperature=trainer.temperature, top_p=trainer.top_p,
-                                         top_k=trainer.top_k or None, pad_token_id=pad)
-                for row, i in enumerate(active):
-                    new = out[row, width:].tolist()
-                    cut = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
-                    new = new[:cut][: budget - len(completion[i])]
-                    completion[i] += new
-                    env_mask[i] += [1] * len(new)
-                    feedback = games[i].step(tok.decode(new, skip_special_tokens=True))
-                    if games[i].done or len(completion[i]) >= budget:
-                        continue
-                    fb = _feedback_ids(tok, feedback, ended=bool(new) and new[-1] in eos_ids)
-                    fb = fb[: budget - len(completion[i])]
-                    completion[i] += fb
-                    env_mask[i] += [0] * len(fb)
-        finally:
-            model.train(was_training)
-        return {"prompt_ids": prompt_ids, "completion_ids": completion, "logprobs": None, "env_mask": env_mask,
+        for _ in range(max_turns):
+            active = [i for i, g in enumerate(games) if not g.done and len(completion[i]) < budget]
+            if not active:
+                break
+            outs = engine.generate_ids([prompt_ids[i] + completion[i] for i in active], sampling)
+            for out, i in zip(outs, active, strict=True):
+                new = out.completions[0].token_ids[: budget - len(completion[i])]
+                completion[i] += new
+                env_mask[i] += [1] * len(new)
+                if shared:
+                    logprobs[i] += list(out.completions[0].logprobs[: len(new)])
+                feedback = games[i].step(tok.decode(new, skip_special_tokens=True))
+                if games[i].done or len(completion[i]) >= budget:
+                    continue
+                fb = _feedback_ids(tok, feedback, ended=bool(new) and new[-1] in eos_ids)
+                fb = fb[: budget - len(completion[i])]
+                completion[i] += fb
+                env_mask[i] += [0] * len(fb)
+                logprobs[i] += [math.nan] * len(fb)
+        if getattr(engine, "enable_sleep_mode", False):
+            engine.sleep(level=1)  # free the accelerator for the training step, as TRLGeneration does
+        return {"prompt_ids": prompt_ids, "completion_ids": completion, "logprobs": logprobs if shared else None,
+                "env_mask": env_mask,
                 "solved": [g.solved for g in games], "turns": [g.turns for g in games]}
 
     return rollout

@@ -53,12 +53,24 @@ class HFEngine:
                           top_k=sampling.top_k or 0, min_p=sampling.min_p)
         return kwargs
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
-        sampling = sampling or SamplingParams()
+        """`sampling.n` completions per (already chat-formatted) prompt, in prompt order."""
         if not prompts:
             return []
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_ids(encoded, sampling, prompts=prompts)
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
+                     prompts: list[str] | None = None) -> list[GenerationOutput]:
+        """Like `generate` from token ids (multi-turn rollouts extend token contexts, which a decode and
+        re-encode would not always reproduce)."""
+        sampling = sampling or SamplingParams()
+        if not prompt_ids:
+            return []
+        encoded = [list(map(int, ids)) for ids in prompt_ids]
+        if prompts is None:
+            prompts = [self.tokenizer.decode(ids) for ids in encoded]
         limit = self._context_limit(sampling)
         if limit is not None:
             for i, ids in enumerate(encoded):

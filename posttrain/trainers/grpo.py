@@ -393,7 +393,7 @@ class EntropyControlTrainer(GRPOTrainer):
             has = mask.bool() & (base != 0)
             w = advantages[has] / base[has]
             big = torch.tensor(float("inf"), device=w.device)
-            stats[f"{self.args.token_weight}/weight_mean"] = w.mean() if w.numel() else torch.tensor(1.0)
+            stats[f"{self.args.token_weight}/weight_mean"] = w.mean() if w.numel() else torch.tensor(1.0, device=w.device)
             wmin = self.accelerator.gather((w.min() if w.numel() else big).reshape(1)).min()
             self._metrics[self._mode][f"{self.args.token_weight}/weight_min"].append(wmin.item() if torch.isfinite(wmin) else 1.0)
         self._log_mean(stats)

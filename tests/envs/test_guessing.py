@@ -60,3 +60,45 @@ def test_epo_on_the_guessing_game_through_the_recipe(tmp_path):
         assert h["epo/beta"] > 1 and 0 <= h["epo/corridor_fraction"] <= 1
         # completions/mean_length counts model tokens only: env feedback is masked out of the loss
         assert h["completions/mean_length"] < 48
+
+
+class _RecordingEngine:
+    """A rollout engine that records the token contexts it is asked to continue (wraps a real HFEngine)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def generate_ids(self, prompt_ids, sampling=None, **kwargs):
+        self.calls.append(([list(p) for p in prompt_ids], sampling))
+        return self.inner.generate_ids(prompt_ids, sampling, **kwargs)
+
+
+def test_rollout_generates_through_the_trainers_shared_engine():
+    """With a shared rollout engine (`rollout.engine: vllm` in a recipe) the multi-turn rollout generates through
+    it, turn by turn, continuing each game's exact token context: prompt, the agent's tokens, the feedback."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from posttrain.envs import guessing_rollout
+    from posttrain.models import load_model
+    from posttrain.rollout import HFEngine
+
+    torch.manual_seed(0)
+    tok, model = load_tokenizer("tiny-qwen2"), load_model("tiny-qwen2", dtype="float32")
+    ds = GuessingTask(n=3, max_turns=3).load()
+    engine = _RecordingEngine(HFEngine(model, tok, progress=False))
+    trainer = SimpleNamespace(processing_class=tok, max_completion_length=40, rollout_engine=engine, temperature=1.0,
+                              top_p=1.0, top_k=0, min_p=None, eos_token_ids=[tok.eos_token_id])
+    out = guessing_rollout(secrets_from_dataset(ds), max_turns=3, tokens_per_turn=5)(list(ds["prompt"]), trainer)
+    assert len(engine.calls) >= 2  # several turns, each one call for all games still playing
+    first_contexts, sampling = engine.calls[0]
+    assert first_contexts == out["prompt_ids"] and sampling.max_new_tokens == 5 and sampling.n == 1
+    for contexts, _ in engine.calls:
+        for ctx in contexts:  # every context is a prefix of one game's final prompt + completion
+            assert any(ctx == (p + c)[: len(ctx)] for p, c in zip(out["prompt_ids"], out["completion_ids"]))
+    for c, m, lp in zip(out["completion_ids"], out["env_mask"], out["logprobs"]):
+        assert len(c) == len(m) == len(lp) <= 40 and m[0] == 1
+        # sampled-token log-probabilities on the agent's tokens (for TRL's importance sampling), NaN on feedback
+        assert all((x == x and x <= 0) if keep else x != x for x, keep in zip(lp, m))
+    assert sum(len(contexts) for contexts, _ in engine.calls[1:]) > 0  # a later turn continued some game

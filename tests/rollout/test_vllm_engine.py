@@ -285,3 +285,27 @@ def test_run_recipe_with_vllm_engine(tmp_path):
     assert 0.0 <= result.summary["accuracy_after"] <= 1.0
     logged = [h for h in (tmp_path / "report" / "metrics.jsonl").read_text().splitlines() if "sampling_logp_difference" in h]
     assert len(logged) == 2
+
+
+def test_multi_turn_rollout_generates_through_the_vllm_engine(tmp_path):
+    """EPO on the guessing game with `rollout.engine: vllm`: the environment's rollout_func plays every turn on
+    the shared engine (synced to the trainer's weights), several turns are played, feedback stays masked."""
+    import json
+
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run_recipe
+
+    r = load_recipe("recipes/grpo/epo_guessing.yaml", [
+        "model.name_or_path=tiny-qwen2", "model.peft=null", "trainer.max_steps=2", "trainer.per_device_train_batch_size=8",
+        "rollout.num_generations=4", "rollout.max_new_tokens=48", "data.train.options.tokens_per_turn=6",
+        "rollout.engine=vllm", "rollout.vllm={max_model_len: 512}", f"output_dir={tmp_path}"])
+    result = run_recipe(r)
+    assert result.summary["steps"] == 2
+    steps = [h for line in (tmp_path / "report" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in (h := json.loads(line))]
+    assert len(steps) == 2
+    for h in steps:
+        assert "turn_entropy/0" in h and "turn_entropy/1" in h
+        assert h["completions/mean_length"] < 48
+        # the agent's tokens came from the engine in sync with the trainer (feedback tokens are NaN, left out)
+        assert h["sampling/sampling_logp_difference/max"] < TOLERANCE

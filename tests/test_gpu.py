@@ -1,0 +1,37 @@
+"""GPU paths (`-m gpu`, skipped without CUDA; CI has no GPU). These caught a real bug: `entropy_summary`
+built its quantile tensor on the CPU, so every trainer failed at its first step on a GPU while the whole CPU
+suite passed (found on an H100, 2026-11-22)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "grpo"
+
+
+def test_entropy_summary_on_cuda_matches_cpu():
+    from posttrain.algos.entropy import entropy_summary
+
+    x = torch.rand(1000, dtype=torch.float64) * 3
+    on_gpu, on_cpu = entropy_summary(x.cuda()), entropy_summary(x)
+    assert on_gpu.keys() == on_cpu.keys()
+    for key in on_cpu:
+        assert float(on_gpu[key]) == pytest.approx(float(on_cpu[key]), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["grpo", "steer", "epo", "dcpo", "bnpo", "qae", "clip_cov", "epo_guessing"])
+def test_each_trainer_trains_on_cuda(method, tmp_path):
+    from posttrain.recipe import load_recipe
+    from posttrain.train import run_recipe
+
+    recipe = load_recipe(RECIPES / f"{method}.yaml", ["model.name_or_path=tiny-qwen2", "trainer.max_steps=2",
+                                                      "eval.limit=4", f"output_dir={tmp_path}"])
+    result = run_recipe(recipe)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert any("entropy/mean" in h for h in state["log_history"])
+    assert 0 <= result.summary.get("accuracy_after", 0) <= 1
