@@ -94,7 +94,7 @@ def _load_task(spec: Any, system_prompt: str | None) -> Any:
 
 def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: Any, path: Path,
               engine: Any = None) -> dict[str, Any]:
-    from posttrain.eval.runner import evaluate_task
+    from posttrain.eval.harness import evaluate_task
     from posttrain.rollout import HFEngine, SamplingParams
 
     ev = recipe.eval
@@ -108,7 +108,7 @@ def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: An
             # accelerator anyway, so evaluate there (same numerics as the evaluation after training)
             model.to(f"cuda:{torch.cuda.current_device()}")
         engine = HFEngine(model, tokenizer, batch_size=ev.batch_size)
-    return evaluate_task(engine, tokenizer, task, dataset, sampling, samples_path=path)
+    return evaluate_task(engine, tokenizer, task, dataset, sampling, path, chunk_size=ev.batch_size)
 
 
 def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:

@@ -180,7 +180,23 @@ def bnpo_advantages(rewards: Tensor, group_size: int, alpha: float, beta: float,
     return torch.nan_to_num((scaled - p) * weight, nan=0.0).view(-1)
 
 
-@ADVANTAGES.register("bnpo", args=BNPOArgs)
+def bnpo_parameters(rewards: Tensor, group_size: int, args: BNPOArgs) -> tuple[float, float]:
+    """(alpha, beta) that ``bnpo`` uses on this batch: the moment fit to the group means of the rewards mapped
+    to [0, 1], unless fixed in ``args``."""
+    grouped = _grouped(rewards, group_size)
+    scaled = ((grouped - args.reward_min) / (args.reward_max - args.reward_min)).clamp(0.0, 1.0)
+    fit = bnpo_beta_fit(torch.nanmean(scaled, dim=1))
+    return (fit.alpha if args.fixed_alpha is None else args.fixed_alpha,
+            fit.beta if args.fixed_beta is None else args.fixed_beta)
+
+
+def bnpo_diagnostics(rewards: Tensor, group_size: int, args: BNPOArgs) -> dict[str, float]:
+    """Logged by the trainers as ``bnpo/alpha`` and ``bnpo/beta``."""
+    alpha, beta = bnpo_parameters(rewards, group_size, args)
+    return {"alpha": float(alpha), "beta": float(beta)}
+
+
+@ADVANTAGES.register("bnpo", args=BNPOArgs, diagnostics=bnpo_diagnostics)
 def bnpo(rewards: Tensor, group_size: int, args: BNPOArgs) -> Tensor:
     """BNPO (Xiao et al. 2025): Beta-normalised advantage, the Beta re-fitted on this batch.
 
@@ -189,11 +205,7 @@ def bnpo(rewards: Tensor, group_size: int, args: BNPOArgs) -> Tensor:
     them before computing advantages) so the fit is batch-wide. Zero-sum within each group; uniform
     groups get 0. Not TRL's ``loss_type="bnpo"``, which is a loss normaliser.
     """
-    grouped = _grouped(rewards, group_size)
-    scaled = ((grouped - args.reward_min) / (args.reward_max - args.reward_min)).clamp(0.0, 1.0)
-    fit = bnpo_beta_fit(torch.nanmean(scaled, dim=1))
-    alpha = fit.alpha if args.fixed_alpha is None else args.fixed_alpha
-    beta = fit.beta if args.fixed_beta is None else args.fixed_beta
+    alpha, beta = bnpo_parameters(rewards, group_size, args)
     return bnpo_advantages(rewards, group_size, alpha, beta, args)
 
 

@@ -10,17 +10,17 @@ import torch
 
 
 def group_outcome_fractions(correct: torch.Tensor, group_size: int) -> dict[str, float]:
-    """Fractions of groups whose completions are all correct / all wrong. correct [B] bool, B = groups * G.
+    """Fractions of groups whose completions are all correct / all wrong / mixed. correct [B] bool,
+    B = groups * G. The training logs (`groups/frac_*`) and the evaluation harness both use this.
 
-    Both kinds of group give zero GRPO advantage, so together they are the share of wasted rollouts.
+    All-correct and all-wrong groups give zero GRPO advantage, so together they are the share of wasted rollouts.
     """
     if correct.numel() % group_size:
         raise ValueError(f"batch of {correct.numel()} completions is not a multiple of group size {group_size}")
     grouped = correct.bool().view(-1, group_size)
-    return {
-        "frac_all_correct": grouped.all(dim=1).float().mean().item(),
-        "frac_all_wrong": (~grouped).all(dim=1).float().mean().item(),
-    }
+    all_correct = grouped.all(dim=1).float().mean().item()
+    all_wrong = (~grouped).all(dim=1).float().mean().item()
+    return {"frac_all_correct": all_correct, "frac_all_wrong": all_wrong, "frac_mixed": 1.0 - all_correct - all_wrong}
 
 
 def mean_unique_per_group(answers: Sequence[Hashable | None], group_size: int) -> float:

@@ -14,7 +14,10 @@ Kinds and their signatures (a trainer dispatches with one line, e.g.
   a scalar added to the policy loss, differentiable through ``entropy``.
 
 ``args`` is the method's small argument dataclass (registered alongside the function so a recipe can
-build it by name), never the trainer config. Registration happens when ``posttrain.algos`` is imported.
+build it by name), never the trainer config. A function may also register ``diagnostics``, called with the
+same arguments and returning ``{name: float}`` for the trainer to log as ``<component>/<name>`` (e.g. BNPO's
+fitted alpha and beta), so trainers log any component's quantities without knowing which one runs.
+Registration happens when ``posttrain.algos`` is imported.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ class Registry(Generic[F]):
         self.kind = kind
         self._fns: dict[str, F] = {}
         self._args: dict[str, type | None] = {}
+        self._diagnostics: dict[str, Callable[..., dict[str, float]] | None] = {}
 
-    def register(self, name: str, *, args: type | None = None) -> Callable[[F], F]:
+    def register(self, name: str, *, args: type | None = None,
+                 diagnostics: Callable[..., dict[str, float]] | None = None) -> Callable[[F], F]:
         """Decorator registering ``fn`` under ``name``; a duplicate name is an error."""
         if not name or name != name.strip():
             raise ValueError(f"invalid {self.kind} name {name!r}")
@@ -59,6 +64,7 @@ class Registry(Generic[F]):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._fns[name] = fn
             self._args[name] = args
+            self._diagnostics[name] = diagnostics
             return fn
 
         return decorator
@@ -76,6 +82,11 @@ class Registry(Generic[F]):
         """The argument dataclass registered with ``name`` (``None``: the function ignores ``args``)."""
         self.get(name)
         return self._args[name]
+
+    def diagnostics(self, name: str) -> Callable[..., dict[str, float]] | None:
+        """The diagnostics function registered with ``name`` (``None``: nothing to log)."""
+        self.get(name)
+        return self._diagnostics[name]
 
     def names(self) -> list[str]:
         return sorted(self._fns)

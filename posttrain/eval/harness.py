@@ -32,10 +32,11 @@ from posttrain.eval.metrics import (
     ratio_mean_stderr,
     unique_answers,
 )
-from posttrain.eval.suite import Suite, SuiteTask
+from posttrain.eval.suite import SamplingSpec, Suite, SuiteTask
 from posttrain.rollout.base import GenerationOutput, RolloutEngine, SamplingParams
 
-__all__ = ["evaluate_suite", "evaluate_entry", "load_entry", "summarize_records", "read_records", "ResumeMismatch"]
+__all__ = ["evaluate_suite", "evaluate_entry", "evaluate_task", "load_entry", "summarize_records", "read_records",
+           "ResumeMismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,36 @@ def evaluate_entry(
     if capped:
         info["max_new_tokens_capped"] = capped  # prompts whose completion cap was cut to fit the context
     return [done[i] for i in range(len(rows))], info
+
+
+def evaluate_task(engine: RolloutEngine, tokenizer: Any, task: Any, rows: Sequence[dict[str, Any]],
+                  sampling: SamplingParams, samples_path: str | Path, *, chunk_size: int = 32,
+                  progress: bool = True) -> dict[str, Any]:
+    """One task object's rows (e.g. a recipe's held-out split) through the same generation, grading, record and
+    metric code as a suite entry; what the training report's before/after evaluation uses.
+
+    Returns the task's `metrics` and `stderr` (as in results.json) and, at the top level, the figures the run
+    report shows: accuracy, accuracy_stderr, n_prompts, n_samples, mean_length, entropy (stats of the answer
+    tokens, when the engine returns them).
+    """
+    entry = SuiteTask(name=task.name, task=task.name, sampling=SamplingSpec(
+        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens, seed=sampling.seed or 0))
+    records, info = evaluate_entry(engine, tokenizer, entry, task, list(rows), samples_path, chunk_size=chunk_size,
+                                   resume=False, progress=progress)
+    metrics, stderr = summarize_records(records)
+    result: dict[str, Any] = {"accuracy": metrics["accuracy"], "accuracy_stderr": stderr["accuracy"],
+                              "n_prompts": metrics["n_prompts"], "n_samples": metrics["n_samples"],
+                              "mean_length": metrics["length/mean"], "metrics": _clean_dict(metrics),
+                              "stderr": _clean_dict(stderr), "info": info}
+    tokens = [h for r in records for seq in r.get("entropies", []) for h in seq]
+    if tokens:
+        result["entropy"] = entropy_stats(tokens)
+    return result
+
+
+def _clean_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _clean(v) for k, v in d.items()}
 
 
 def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: SamplingParams, name: str) -> SamplingParams:

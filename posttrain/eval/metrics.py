@@ -215,17 +215,19 @@ def unique_answers(answers: Sequence[Sequence[str | None]]) -> list[int]:
 
 
 def group_outcome_fractions(correct: Sequence[Sequence[bool]]) -> dict[str, float]:
-    """Fractions of prompts whose samples are all correct, all wrong, or mixed. All-correct and
-    all-wrong groups give GRPO zero advantage, so their share tracks lost learning signal."""
+    """Fractions of prompts whose samples are all correct, all wrong, or mixed (`frac_all_correct`,
+    `frac_all_wrong`, `frac_mixed`, the keys training logs under `groups/`). All-correct and all-wrong groups
+    give GRPO zero advantage, so their share tracks lost learning signal. Every prompt needs the same number
+    of samples (as in an evaluation with n samples per prompt)."""
+    import torch
+
+    from posttrain.algos.groups import group_outcome_fractions as fractions
+
     _check_groups(correct, "correct")
-    n_all_correct = sum(all(bool(x) for x in g) for g in correct)
-    n_all_wrong = sum(not any(bool(x) for x in g) for g in correct)
-    total = len(correct)
-    return {
-        "all_correct": n_all_correct / total,
-        "all_wrong": n_all_wrong / total,
-        "mixed": (total - n_all_correct - n_all_wrong) / total,
-    }
+    sizes = {len(g) for g in correct}
+    if len(sizes) != 1:
+        raise ValueError(f"correct: every prompt needs the same number of samples, got group sizes {sorted(sizes)}")
+    return fractions(torch.tensor([bool(x) for g in correct for x in g]), sizes.pop())
 
 
 # --------------------------------------------------------------------------------------------------

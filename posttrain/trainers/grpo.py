@@ -152,7 +152,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 # =========================================================================================================
 
 from posttrain.algos import ADVANTAGES, ENTROPY_TERMS, TOKEN_WEIGHTS  # noqa: E402
-from posttrain.algos.advantages import BNPOArgs, GRPOArgs, QAEArgs, bnpo_beta_fit  # noqa: E402
+from posttrain.algos.advantages import BNPOArgs, GRPOArgs, QAEArgs  # noqa: E402
 from posttrain.algos.entropy_terms import (  # noqa: E402
     ClipCovArgs,
     DCPOState,
@@ -330,13 +330,9 @@ class EntropyControlTrainer(GRPOTrainer):
         for _ in range(min(len(advantages), len(self._logs["advantages"]))):  # the completions table shows ours
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.tolist())
-        if self.args.advantage == "bnpo":
-            scaled = ((rewards - self._adv_args.reward_min) / (self._adv_args.reward_max - self._adv_args.reward_min)).clamp(0, 1)
-            fit = bnpo_beta_fit(torch.nanmean(scaled.view(-1, group), dim=1))
-            alpha = fit.alpha if self._adv_args.fixed_alpha is None else self._adv_args.fixed_alpha
-            beta = fit.beta if self._adv_args.fixed_beta is None else self._adv_args.fixed_beta
-            self._metrics[self._mode]["bnpo/alpha"].append(alpha)
-            self._metrics[self._mode]["bnpo/beta"].append(beta)
+        if (diagnostics := ADVANTAGES.diagnostics(self.args.advantage)) is not None:  # e.g. BNPO's alpha, beta
+            for key, value in diagnostics(rewards, group, self._adv_args).items():
+                self._metrics[self._mode][f"{self.args.advantage}/{key}"].append(value)
         if self.dcpo_state is not None:
             p_hat = dcpo_correct(rewards, self._tw_args).mean().item() if rewards.numel() else 0.0
             output[P_HAT_KEY] = torch.tensor(p_hat, device=output["advantages"].device)

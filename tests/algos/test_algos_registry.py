@@ -141,3 +141,20 @@ def test_every_entropy_term(name: str, case: str) -> None:
     term.backward()
     assert entropy.grad is not None and torch.isfinite(entropy.grad).all()
     assert (entropy.grad[mask == 0] == 0).all()  # padding never gets a gradient
+
+
+def test_registered_diagnostics_bnpo_fit_and_none_elsewhere():
+    """Trainers log a component's quantities through its registered diagnostics (no branching on names)."""
+    import torch
+
+    from posttrain.algos import ADVANTAGES
+    from posttrain.algos.advantages import BNPOArgs, bnpo_beta_fit
+
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0])  # group means 1/4, 1/2, 3/4
+    diag = ADVANTAGES.diagnostics("bnpo")(rewards, 4, BNPOArgs())
+    fit = bnpo_beta_fit(torch.tensor([0.25, 0.5, 0.75]))
+    assert diag == {"alpha": pytest.approx(fit.alpha), "beta": pytest.approx(fit.beta)}
+    assert ADVANTAGES.diagnostics("bnpo")(rewards, 4, BNPOArgs(fixed_alpha=1.5, fixed_beta=2.0)) == {"alpha": 1.5, "beta": 2.0}
+    assert ADVANTAGES.diagnostics("grpo") is None and ADVANTAGES.diagnostics("qae") is None
+    with pytest.raises(KeyError, match="bnpo"):
+        ADVANTAGES.diagnostics("bnp")

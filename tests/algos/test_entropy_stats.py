@@ -37,7 +37,7 @@ def test_masked_flatten():
 
 def test_group_outcomes():
     correct = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 1]).bool()  # G=3: all-correct, all-wrong, mixed, all-correct
-    assert group_outcome_fractions(correct, 3) == {"frac_all_correct": 0.5, "frac_all_wrong": 0.25}
+    assert group_outcome_fractions(correct, 3) == {"frac_all_correct": 0.5, "frac_all_wrong": 0.25, "frac_mixed": 0.25}
     with pytest.raises(ValueError, match="not a multiple"):
         group_outcome_fractions(correct, 5)
 

@@ -40,7 +40,7 @@ def test_metrics_match_the_samples(tmp_path, addition_data, scripted_engine):
     # maj@4: the right answer is repeated c times, each wrong answer is unique -> majority right iff c >= 2,
     # or c == 1 (a 1-1-1-1 tie goes to the first sample, which is the right one)
     assert m["maj@4"] == pytest.approx(sum(c >= 1 for c in counts) / 10)
-    assert m["groups/all_correct"] == pytest.approx(0.2) and m["groups/all_wrong"] == pytest.approx(0.2)
+    assert m["groups/frac_all_correct"] == pytest.approx(0.2) and m["groups/frac_all_wrong"] == pytest.approx(0.2)
     assert m["unique_answers"] == pytest.approx(sum((1 if c else 0) + (4 - c) for c in counts) / 10)
     assert m["entropy/mean"] == pytest.approx(1.0) and se["entropy/mean"] == pytest.approx(0.0)
     assert m["length/mean"] == pytest.approx(4.5)  # lengths 3, 4, 5, 6

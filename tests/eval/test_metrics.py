@@ -158,7 +158,7 @@ def test_maj_at_k_averages_prompts_and_validates() -> None:
 def test_unique_answers_and_group_outcomes() -> None:
     assert unique_answers([["1", "1", None], ["a", "b", "c"], [None]]) == [1, 3, 0]
     fractions = group_outcome_fractions([[True, True], [False, False], [True, False], [False, False]])
-    assert fractions == pytest.approx({"all_correct": 0.25, "all_wrong": 0.5, "mixed": 0.25})
+    assert fractions == pytest.approx({"frac_all_correct": 0.25, "frac_all_wrong": 0.5, "frac_mixed": 0.25})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,12 +2,10 @@
 the maths equals TRL's, resume reproduces an uninterrupted run, method state survives checkpoints."""
 
 import json
-import re
 
 import pytest
 import torch
 import trl
-from datasets import Dataset
 
 from posttrain.models import load_model, load_tokenizer, lora_config
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -16,27 +14,7 @@ TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
            "groups/frac_all_correct", "groups/frac_all_wrong", "groups/unique_answers"]
 
 
-def digit_reward(prompts, completions, answer, **kwargs):
-    """A reward a random tiny model earns sometimes: a quarter point per digit, capped at 1."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [min(len(re.findall(r"\d", t)) / 4, 1.0) for t in texts]
-
-
-digit_reward.__name__ = "accuracy"
-
-
-def dataset():
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
-            for a in range(6) for b in range(6)]
-    return Dataset.from_list(rows)
-
-
-def config_kwargs(out, **kw):
-    base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-                max_completion_length=12, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
-                save_strategy="no", seed=0, learning_rate=5e-3, disable_tqdm=True)
-    base.update(kw)
-    return base
+from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward  # noqa: E402
 
 
 def config(out, **kw):

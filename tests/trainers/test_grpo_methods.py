@@ -16,31 +16,8 @@ from posttrain.trainers import grpo
 from posttrain.trainers.grpo import (BNPOConfig, BNPOTrainer, DCPOConfig, DCPOTrainer, EntropyControlConfig,
                                      EntropyControlTrainer, EPOConfig, EPOTrainer, STEERConfig, STEERTrainer)
 
-from datasets import Dataset
 
-# The tiny setting of tests/trainers/test_grpo_base.py (pytest's importlib mode keeps test modules apart).
-
-
-def digit_reward(prompts, completions, **kwargs):
-    """A reward a random tiny model earns sometimes: a quarter point per digit, capped at 1."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [min(len(re.findall(r"\d", t)) / 4, 1.0) for t in texts]
-
-
-digit_reward.__name__ = "accuracy"
-
-
-def dataset():
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
-                              for a in range(6) for b in range(6)])
-
-
-def config_kwargs(out, **kw):
-    base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-                max_completion_length=12, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
-                save_strategy="no", seed=0, learning_rate=5e-3, disable_tqdm=True)
-    base.update(kw)
-    return base
+from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward  # noqa: E402
 
 METHODS = {"steer": (STEERTrainer, STEERConfig), "epo": (EPOTrainer, EPOConfig),
            "dcpo": (DCPOTrainer, DCPOConfig), "bnpo": (BNPOTrainer, BNPOConfig)}
