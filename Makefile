@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev install-vllm quickstart test test-slow bench clean
+.PHONY: install install-dev install-vllm quickstart test test-slow lint bench clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ test: install-dev install-vllm
 # The slow, multi-process (torchrun, gloo) and vLLM tests that run on CPU; CI runs these too.
 test-slow: install-dev install-vllm
 	$(PY) -m pytest -m "(slow or multiproc or vllm) and not gpu" $(PYTEST_ARGS)
+
+# Style: ruff (pyproject [tool.ruff]: pyflakes, pycodestyle, import order, 120 columns).
+lint: install-dev
+	$(VENV)/bin/ruff check posttrain bench tests
 
 bench: install-dev install-vllm
 	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

@@ -44,9 +44,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     from posttrain.train import run_recipe
 
     out = run_dir(args, method, seed)
-    overrides = [f"model.name_or_path={args.model}", f"trainer.learning_rate={args.lr}", f"trainer.max_steps={args.steps}",
-                 f"seed={seed}", f"output_dir={out}", "eval.before=true", "eval.after=true",
-                 f"eval.limit={args.eval_limit}"]
+    overrides = [f"model.name_or_path={args.model}", f"trainer.learning_rate={args.lr}",
+                 f"trainer.max_steps={args.steps}", f"seed={seed}", f"output_dir={out}", "eval.before=true",
+                 "eval.after=true", f"eval.limit={args.eval_limit}"]
     if args.eval_every:
         overrides += [f"eval.suites=[{TRACK_SUITE}]", f"eval.every_n_steps={args.eval_every}"]
     result = run_recipe(load_recipe(RECIPES / f"{method}.yaml", [*overrides, *args.override]))
@@ -107,10 +107,12 @@ def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join(["python", "bench/entropy_collapse.py", *sys.argv[1:]]),
         "accuracy_before": before[0] if before else None, "methods": table, "runs": rows}, indent=2))
-    lines = [f"Held-out greedy accuracy before training: {before[0]:.2f} ({args.eval_limit} problems)." if before else "",
+    lines = [f"Held-out greedy accuracy before training: {before[0]:.2f} ({args.eval_limit} problems)."
+             if before else "",
              f"LR {args.lr:g}, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; mean ± sd over seeds "
              "(per-seed values in results.json).", "",
-             "| method | lowest entropy | final entropy | lowest entropy above GRPO's (same seed) | held-out accuracy after |",
+             "| method | lowest entropy | final entropy | lowest entropy above GRPO's (same seed) "
+             "| held-out accuracy after |",
              "|---|---:|---:|---:|---:|"]
     for a in table:
         lines.append(f"| {a['method']} | {a['entropy_min']:.3f} ± {a['entropy_min_sd']:.3f} "
@@ -148,7 +150,8 @@ def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
 
 def _child_command(method: str, seed: int, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--methods", method, "--seeds", str(seed), "--jobs", "1",
-           "--model", args.model, "--lr", str(args.lr), "--steps", str(args.steps), "--eval-limit", str(args.eval_limit),
+           "--model", args.model, "--lr", str(args.lr), "--steps", str(args.steps),
+           "--eval-limit", str(args.eval_limit),
            "--eval-every", str(args.eval_every), "--output", str(args.output), "--no-summary"]
     return cmd + (["--override", *args.override] if args.override else [])
 

@@ -35,14 +35,13 @@ SETS = {  # our task name -> (lm-eval task, max new tokens)
 }
 
 
-def ours(model, tokenizer, limit: int, data_dir: Path, out: Path, batch_size: int) -> dict:
+def ours(model, tokenizer, limit: int, data_dir: Path, out: Path, batch_size: int, sets: list[str]) -> dict:
+    paths = {"gsm8k": data_dir / "gsm8k.jsonl", "arithmetic": ARITH_JSONL}
     suite = suite_from_dict({
         "name": "lm_eval_compare",
         "sampling": {"n": 1, "temperature": 0.0},
-        "tasks": [
-            {"name": "gsm8k", "path": str(data_dir / "gsm8k.jsonl"), "sampling": {"max_new_tokens": SETS["gsm8k"][1]}},
-            {"name": "arithmetic", "path": str(ARITH_JSONL), "sampling": {"max_new_tokens": SETS["arithmetic"][1]}},
-        ],
+        "tasks": [{"name": name, "path": str(paths[name]), "sampling": {"max_new_tokens": SETS[name][1]}}
+                  for name in sets],
     })
     for t in suite.tasks:
         t.limit = limit
@@ -53,11 +52,12 @@ def ours(model, tokenizer, limit: int, data_dir: Path, out: Path, batch_size: in
             for name, r in res["tasks"].items()}
 
 
-def theirs(model, tokenizer, limit: int, out: Path, batch_size: int) -> dict:
+def theirs(model, tokenizer, limit: int, out: Path, batch_size: int, sets: list[str]) -> dict:
     from posttrain.eval.lm_eval_backend import run_lm_eval
 
     results = {}
-    for name, (task, _) in SETS.items():
+    for name in sets:
+        task = SETS[name][0]
         t0 = time.perf_counter()
         raw = run_lm_eval(model, tokenizer, task, limit=limit, include=[str(TASKS_DIR)], batch_size=batch_size,
                           apply_chat_template=True)
@@ -74,11 +74,11 @@ def theirs(model, tokenizer, limit: int, out: Path, batch_size: int) -> dict:
     return results
 
 
-def agreement(out: Path, lm: dict) -> dict:
+def agreement(out: Path, lm: dict, sets: list[str]) -> dict:
     """Per-problem agreement of the two harnesses: identical prompt text, identical generated text (up to
     surrounding whitespace: lm-eval strips at its stop string), and identical 0/1 grades."""
     report = {}
-    for name in SETS:
+    for name in sets:
         ours_recs = {}
         for line in (out / "posttrain" / f"samples_{name}.jsonl").read_text().splitlines():
             rec = json.loads(line)
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default=str(ROOT / "outputs" / "bench" / "eval_lm_eval_compare"))
     parser.add_argument("--skip-lm-eval", action="store_true", help="only posttrain's side (no lm-eval installed)")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     args = parser.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,14 +114,17 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32").to(device).eval()
     report = {"model": args.model, "limit": args.limit, "decoding": "greedy", "backend": "transformers (HF)",
-              "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "posttrain": ours(model, tokenizer, args.limit, Path(args.data_dir), out, args.batch_size)}
+              "device": torch.cuda.get_device_name() if device == "cuda"
+              else f"cpu ({torch.get_num_threads()} threads)",
+              "posttrain": ours(model, tokenizer, args.limit, Path(args.data_dir), out, args.batch_size, args.sets)}
     if not args.skip_lm_eval:
-        lm = theirs(model, tokenizer, args.limit, out, args.batch_size)
-        report["agreement"] = agreement(out, lm)
+        lm = theirs(model, tokenizer, args.limit, out, args.batch_size, args.sets)
+        report["agreement"] = agreement(out, lm, args.sets)
         report["lm_eval"] = lm
-        report["accuracy_gap_points"] = {n: 100 * (report["posttrain"][n]["accuracy"] - lm[n]["accuracy"]) for n in SETS}
-        report["throughput_ratio"] = {n: report["posttrain"][n]["samples_per_s"] / lm[n]["samples_per_s"] for n in SETS}
+        report["accuracy_gap_points"] = {n: 100 * (report["posttrain"][n]["accuracy"] - lm[n]["accuracy"])
+                                         for n in args.sets}
+        report["throughput_ratio"] = {n: report["posttrain"][n]["samples_per_s"] / lm[n]["samples_per_s"]
+                                      for n in args.sets}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -110,10 +110,12 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--random-init", choices=sorted(RANDOM_INIT), help="a random model of this shape instead of --model")
+    parser.add_argument("--random-init", choices=sorted(RANDOM_INIT),
+                        help="a random model of this shape instead of --model")
     args = parser.parse_args()
     classes = {"trl": (trl.GRPOTrainer, trl.GRPOConfig)}
-    classes.update({m: (getattr(grpo, f"{m.upper()}Trainer"), getattr(grpo, f"{m.upper()}Config")) for m in args.methods})
+    classes.update({m: (getattr(grpo, f"{m.upper()}Trainer"), getattr(grpo, f"{m.upper()}Config"))
+                    for m in args.methods})
     times: dict[str, list[float]] = {k: [] for k in classes}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
@@ -123,7 +125,8 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"model": args.random_init or args.model, "device": device, "lora": args.lora, "steps_timed": len(times["trl"]),
+    result = {"model": args.random_init or args.model, "device": device, "lora": args.lora,
+              "steps_timed": len(times["trl"]),
               "trl_median_step_s": round(med["trl"], 4),
               **{f"{m}_median_step_s": round(med[m], 4) for m in args.methods},
               **{f"{m}_ratio": round(med[m] / med["trl"], 3) for m in args.methods}}

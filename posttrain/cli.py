@@ -98,7 +98,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training recipes on the Hugging Face stack.")
+    parser = argparse.ArgumentParser(prog="posttrain",
+                                     description="LLM post-training recipes on the Hugging Face stack.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with a YAML recipe",
@@ -139,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "  posttrain eval --model BASE --adapter stage1 --adapter stage2 --suite eval/continual.yaml ...\n"
                     "(FWT needs the base row: --base-model, or the adapters' base, evaluated into --output/base/).")
     ev.add_argument("--model", action="append", required=True,
-                    help="named model (tiny-qwen2, smollm2-135m-instruct), local dir, .gguf or Hub id; repeat for stages")
+                    help="named model (tiny-qwen2, smollm2-135m-instruct), local dir, .gguf or Hub id; "
+                         "repeat for stages")
     ev.add_argument("--adapter", action="append", metavar="DIR", help="PEFT adapter folder; repeat for stages")
-    ev.add_argument("--suite", required=True, help="suite YAML (a path, or a name under eval/: reasoning, retention, continual)")
+    ev.add_argument("--suite", required=True,
+                    help="suite YAML (a path, or a name under eval/: reasoning, retention, continual)")
     ev.add_argument("--output", required=True, metavar="DIR", help="output folder (reused to resume)")
     ev.add_argument("--limit", type=int, help="first N prompts of each task")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout backend (default hf)")
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ev.add_argument("--training-log", metavar="PATH",
-                    help="trainer_state.json / run folder / metrics.jsonl: also plot training curves and the entropy law")
+                    help="trainer_state.json / run folder / metrics.jsonl: also plot training curves "
+                         "and the entropy law")
     ev.add_argument("--overwrite", action="store_true", help="ignore existing sample files instead of resuming")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)

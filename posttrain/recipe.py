@@ -533,7 +533,8 @@ def _is_optional(tp: Any) -> bool:
 FieldHook = Callable[[Any, list[str]], Any]
 
 
-def _build(cls: type, value: Any, path: KeyPath, errors: list[str], hooks: Mapping[str, FieldHook] | None = None) -> Any:
+def _build(cls: type, value: Any, path: KeyPath, errors: list[str],
+           hooks: Mapping[str, FieldHook] | None = None) -> Any:
     """Build dataclass `cls` from YAML data, recording every problem; None when anything under it is wrong.
     `hooks` check fields that their annotation cannot describe (a recipe's `trainer:`), in field order."""
     start = len(errors)
@@ -602,7 +603,8 @@ def _check_method(method: Any, errors: list[str]) -> type | None:
     try:
         return spec.config_class()
     except Exception as err:  # noqa: BLE001 - any import failure makes trainer keys uncheckable
-        errors.append(f"method: cannot load config class {spec.config} of method '{method}': {type(err).__name__}: {err}")
+        errors.append(f"method: cannot load config class {spec.config} of method '{method}': "
+                      f"{type(err).__name__}: {err}")
         return None
 
 

@@ -98,8 +98,10 @@ def _evaluate(model: Any, tokenizer: Any, recipe: Recipe, task: Any, dataset: An
     from posttrain.rollout import HFEngine, SamplingParams
 
     ev = recipe.eval
-    sampling = SamplingParams(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens or recipe.rollout.max_new_tokens,
-                              top_p=1.0 if ev.temperature == 0 else recipe.rollout.top_p, seed=recipe.seed, entropies=True)
+    sampling = SamplingParams(n=ev.n, temperature=ev.temperature,
+                              max_new_tokens=ev.max_new_tokens or recipe.rollout.max_new_tokens,
+                              top_p=1.0 if ev.temperature == 0 else recipe.rollout.top_p, seed=recipe.seed,
+                              entropies=True)
     if engine is None:
         import torch
 
@@ -205,7 +207,8 @@ def write_report(report_dir: Path, log_history: list[dict[str, Any]], summary: d
     if steps:
         last = steps[-1]
         summary["final_train"] = {k: last[k] for k in ("reward", "entropy/mean", "entropy/top20_mean",
-                                                        "groups/frac_all_correct", "groups/unique_answers") if k in last}
+                                                        "groups/frac_all_correct", "groups/unique_answers")
+                                  if k in last}
         entropy = [h["entropy/mean"] for h in steps if "entropy/mean" in h]
         if entropy:
             summary["entropy_min"] = min(entropy)

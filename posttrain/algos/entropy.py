@@ -38,7 +38,9 @@ def entropy_summary(entropies: torch.Tensor, top_fraction: float = TOP_FRACTION)
         return {"mean": math.nan, "p50": math.nan, "p80": math.nan, "p95": math.nan, "top20_mean": math.nan}
     # ceil(n * fraction) in integers for the default 1/5, so float rounding can never add a token
     k = -(-x.numel() // 5) if top_fraction == TOP_FRACTION else max(1, math.ceil(top_fraction * x.numel()))
-    p50, p80, p95 = torch.quantile(x.double(), torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64, device=x.device)).tolist()
+    p50, p80, p95 = torch.quantile(
+        x.double(), torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64, device=x.device)
+    ).tolist()
     return {
         "mean": x.double().mean().item(),
         "p50": p50,

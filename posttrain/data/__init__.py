@@ -7,13 +7,23 @@ completion and `task.reward_funcs()` gives the same grader as TRL reward functio
 
 from __future__ import annotations
 
+from posttrain.data import classification as _classification  # noqa: F401 - registers classification
 from posttrain.data import math as _math  # noqa: F401 - registers gsm8k, math500, aime24, amc23
+from posttrain.data import multiple_choice as _mc  # noqa: F401 - registers multiple_choice, mmlu_stem
 from posttrain.data import synthetic as _synthetic  # noqa: F401 - registers arithmetic
-from posttrain.data import classification as _classification, multiple_choice as _mc  # noqa: F401 - registers classification, multiple_choice, mmlu_stem
 from posttrain.data.math import MathTask
 from posttrain.data.sources import read_jsonl, resolve_jsonl, write_jsonl
 from posttrain.data.synthetic import ArithmeticTask
-from posttrain.data.tasks import TASKS, Example, Task, export_jsonl, format_prompt, get_task, register_task, task_options
+from posttrain.data.tasks import (
+    TASKS,
+    Example,
+    Task,
+    export_jsonl,
+    format_prompt,
+    get_task,
+    register_task,
+    task_options,
+)
 
 __all__ = [
     "TASKS",

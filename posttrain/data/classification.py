@@ -66,7 +66,8 @@ class ClassificationTask(Task):
         if labels is not None and (
             not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels)
         ):
-            raise TypeError(f"task 'classification': option 'labels' must be a non-empty list of strings, got {labels!r}")
+            raise TypeError(f"task 'classification': option 'labels' must be a non-empty list of strings, "
+                            f"got {labels!r}")
         if labels is not None and len({x.lower() for x in labels}) != len(labels):
             raise ValueError(f"task 'classification': option 'labels' has duplicates (case-insensitive): {labels}")
         for key, value in (("dataset", dataset), ("hub_id", hub_id), ("hub_config", hub_config)):
@@ -104,7 +105,8 @@ class ClassificationTask(Task):
             raise ValueError(f"{labels_file}: expected a JSON list of label strings")
         return labels
 
-    def examples(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    def examples(self, split: str | None = None, path: str | Path | None = None,
+                 limit: int | None = None) -> list[Example]:
         split = split or self.default_split
         if path is not None:
             data, labels_file = self._files(split, path)
@@ -113,11 +115,13 @@ class ClassificationTask(Task):
             rows = iter_rows(self.name, path=data, hub_id=None, limit=limit)
         else:
             if self.hub_id is None:
-                raise ValueError("task 'classification' needs path= (a task folder or JSONL file) or the 'hub_id' option")
+                raise ValueError("task 'classification' needs path= (a task folder or JSONL file) "
+                                 "or the 'hub_id' option")
             if self.labels is None:
                 raise ValueError("task 'classification' from the Hub needs the 'labels' option")
             labels, name = self.labels, self.dataset or self.hub_id.rsplit("/", 1)[-1]
-            rows = iter_rows(self.name, path=None, hub_id=self.hub_id, hub_config=self.hub_config, split=split, limit=limit)
+            rows = iter_rows(self.name, path=None, hub_id=self.hub_id, hub_config=self.hub_config,
+                             split=split, limit=limit)
         self.labels = labels  # the prompt and the grader use the labels just read
         lowered = {x.lower(): x for x in labels}
         out = []

@@ -35,7 +35,8 @@ class MathTask(Task):
         """The gold answer string from the raw answer field."""
         return stringify_answer(value, where)
 
-    def examples(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    def examples(self, split: str | None = None, path: str | Path | None = None,
+                 limit: int | None = None) -> list[Example]:
         split = split or self.default_split
         split = self.hub_splits.get(split, split) if split else split
         out = []

@@ -83,7 +83,8 @@ class MultipleChoiceTask(Task):
             return True
         return pick(row, self.subject_fields, where, required=False) in self.subjects
 
-    def examples(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    def examples(self, split: str | None = None, path: str | Path | None = None,
+                 limit: int | None = None) -> list[Example]:
         split = split or self.default_split
         if path is None and self.hub_id is None:
             raise ValueError(f"task {self.name!r} has no Hub source: pass path= to a JSONL file")
@@ -114,7 +115,8 @@ class MultipleChoiceTask(Task):
         elif isinstance(raw, str) and raw.strip().upper() in LETTERS[: len(choices)]:
             letter = raw.strip().upper()
         else:
-            raise ValueError(f"{where}: answer must be an option index 0..{len(choices) - 1} or its letter, got {raw!r}")
+            raise ValueError(f"{where}: answer must be an option index 0..{len(choices) - 1} or its letter, "
+                             f"got {raw!r}")
         options = "\n".join(f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(choices))
         raw_id = pick(row, ("id",), where, required=False)
         return Example(id=make_id(self.name, raw_id, index), question=question.strip() + _SEP + options, answer=letter)

@@ -128,7 +128,8 @@ class ArithmeticTask(Task):
                 out.append(i)
         return out
 
-    def examples(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    def examples(self, split: str | None = None, path: str | Path | None = None,
+                 limit: int | None = None) -> list[Example]:
         if path is not None:
             return [
                 Example(

@@ -50,7 +50,8 @@ class Task:
         if instruction is not None:
             self.instruction = instruction  # shadows the class default for this instance
 
-    def examples(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> list[Example]:
+    def examples(self, split: str | None = None, path: str | Path | None = None,
+                 limit: int | None = None) -> list[Example]:
         """The problems of `split` (or of the JSONL at `path`), first `limit` only."""
         raise NotImplementedError
 
@@ -61,7 +62,8 @@ class Task:
             return [{"role": "system", "content": self.system_prompt}, user]
         return [user]
 
-    def load(self, split: str | None = None, path: str | Path | None = None, limit: int | None = None) -> datasets.Dataset:
+    def load(self, split: str | None = None, path: str | Path | None = None,
+             limit: int | None = None) -> datasets.Dataset:
         """A Dataset with columns `prompt` (chat messages), `answer` (gold string) and `id`."""
         import datasets
 

@@ -11,5 +11,5 @@ from posttrain.envs.guessing import (
     secrets_from_dataset,
 )
 
-__all__ = ["GuessingGame", "GuessingGameTool", "GuessingTask", "guessing_dataset", "guessing_reward", "guessing_rollout",
-           "secrets_from_dataset"]
+__all__ = ["GuessingGame", "GuessingGameTool", "GuessingTask", "guessing_dataset", "guessing_reward",
+           "guessing_rollout", "secrets_from_dataset"]

@@ -87,12 +87,15 @@ class GuessingTask(Task):
         super().__init__(system_prompt=system_prompt)
         if not low < high:
             raise ValueError("guessing: need low < high")
-        self.low, self.high, self.max_turns, self.tokens_per_turn, self.n, self.seed = low, high, max_turns, tokens_per_turn, n, seed
+        self.low, self.high, self.max_turns, self.tokens_per_turn, self.n, self.seed = (
+            low, high, max_turns, tokens_per_turn, n, seed
+        )
 
     def examples(self, split: str | None = None, path: Any = None, limit: int | None = None) -> list[Example]:
         seed = self.seed + (1 if split == "test" else 0)
         n = self.n if limit is None else min(self.n, limit)
-        return [Example(id=f"guess-{split or 'train'}-{i}", question=prompt_text(i, self.low, self.high, self.max_turns),
+        return [Example(id=f"guess-{split or 'train'}-{i}",
+                        question=prompt_text(i, self.low, self.high, self.max_turns),
                         answer=str(s)) for i, s in enumerate(_secrets(n, self.low, self.high, seed))]
 
     def extract_answer(self, text: str) -> str | None:
@@ -107,7 +110,8 @@ class GuessingTask(Task):
 
     def rollout_func(self, dataset: Any) -> Any:
         """TRL rollout_func playing this task's games; `dataset` maps each prompt to its secret."""
-        return guessing_rollout(secrets_from_dataset(dataset), self.max_turns, self.tokens_per_turn, self.low, self.high)
+        return guessing_rollout(secrets_from_dataset(dataset), self.max_turns, self.tokens_per_turn,
+                                self.low, self.high)
 
 
 def secrets_from_dataset(dataset: Any) -> dict[str, int]:

@@ -156,15 +156,18 @@ def run_forgetting(
     adapters = list(adapters or [])
     if len(models) > 1:
         if adapters and len(adapters) != len(models):
-            raise EvalUsageError(f"{len(models)} models but {len(adapters)} adapters: give one adapter per model, or none")
+            raise EvalUsageError(f"{len(models)} models but {len(adapters)} adapters: "
+                                 "give one adapter per model, or none")
         stages = [(m, adapters[i] if adapters else None) for i, m in enumerate(models)]
         base = base_model
     elif len(models) == 1 and adapters:
         stages = [(models[0], a) for a in adapters]
         base = base_model or models[0]
     else:
-        raise EvalUsageError("a forgetting evaluation needs several --model checkpoints, or one --model and several --adapter")
-    s = resolve_suite(suite, **{k: kwargs.pop(k, None) for k in ("n", "temperature", "max_new_tokens", "limit", "seed")})
+        raise EvalUsageError("a forgetting evaluation needs several --model checkpoints, "
+                             "or one --model and several --adapter")
+    s = resolve_suite(suite, **{k: kwargs.pop(k, None)
+                                for k in ("n", "temperature", "max_new_tokens", "limit", "seed")})
     names = [t.name for t in s.tasks]
     if len(stages) > len(names):
         raise EvalUsageError(f"{len(stages)} stages but the suite has {len(names)} tasks; the matrix is stage x task")

@@ -182,7 +182,8 @@ def _scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="posttrain-eval-"))
 
 
-def add_eval_callback(trainer: Any, recipe: Any, tokenizer: Any, report_dir: str | Path | None = None) -> EvalCallback | None:
+def add_eval_callback(trainer: Any, recipe: Any, tokenizer: Any,
+                      report_dir: str | Path | None = None) -> EvalCallback | None:
     """Attach an EvalCallback built from the recipe's `eval.suites` and `eval.every_n_steps` (None when unset).
 
     Uses the trainer's shared rollout engine when it has one (`trainer.rollout_engine`)."""

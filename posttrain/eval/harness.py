@@ -247,11 +247,13 @@ def _clean_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _clean(v) for k, v in d.items()}
 
 
-def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: SamplingParams, name: str) -> SamplingParams:
+def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: SamplingParams,
+                 name: str) -> SamplingParams:
     """Cut max_new_tokens so the longest prompt of the chunk still fits the model's context (a small
     model's 1-2k context cannot hold a long prompt plus 512 new tokens); counted in the run info."""
     model = getattr(engine, "model", None)
-    limit = getattr(engine, "max_context", None) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = getattr(engine, "max_context", None) or getattr(getattr(model, "config", None),
+                                                            "max_position_embeddings", None)
     if not limit or tokenizer is None:
         return sampling
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)

@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Literal
 
 from posttrain.recipe import RecipeError, _build, _read_yaml_file, _render  # shared YAML checking
 
-__all__ = ["SamplingSpec", "SuiteTask", "Suite", "SuiteError", "load_suite", "suite_from_dict", "find_suite", "EVAL_DIR"]
+__all__ = ["SamplingSpec", "SuiteTask", "Suite", "SuiteError", "load_suite", "suite_from_dict", "find_suite",
+           "EVAL_DIR"]
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
 Format = Literal["chat", "plain"]

@@ -52,7 +52,8 @@ def load_model(name_or_path: str, dtype: str = "auto", gguf_file: str | None = N
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = _split_gguf(resolve_model_path(name_or_path), gguf_file)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "revision": revision,
+                              "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if attn_implementation is not None:

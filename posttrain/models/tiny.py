@@ -29,7 +29,8 @@ def _corpus() -> list[str]:
         "number numbers apples dollars cost price per day days week hours minutes times half twice "
         "system user assistant You are helpful Solve following problem Answer question"
     ).split()
-    lines = [f"What is {a} + {b}? Put the final answer in \\boxed{{{a + b}}}." for a in range(0, 40) for b in range(0, 40, 3)]
+    lines = [f"What is {a} + {b}? Put the final answer in \\boxed{{{a + b}}}."
+             for a in range(0, 40) for b in range(0, 40, 3)]
     lines += [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += ["\\frac{1}{2} \\sqrt{2} x^2 + y = 3.5, -7 * 8 / 4 = (1, 2] #### 42"]
     return lines

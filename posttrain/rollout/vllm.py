@@ -474,8 +474,9 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         import torch
 
         if not torch.cuda.is_available():
-            raise RuntimeError("full-weight sync to a vLLM server goes through TRL's VLLMClient over NCCL, which needs a "
-                               "CUDA GPU; on CPU train a LoRA adapter (synced as files) or use the in-process VLLMEngine")
+            raise RuntimeError("full-weight sync to a vLLM server goes through TRL's VLLMClient over NCCL, "
+                               "which needs a CUDA GPU; on CPU train a LoRA adapter (synced as files) "
+                               "or use the in-process VLLMEngine")
         if self._client is None:
             from trl.generation.vllm_client import VLLMClient
 
@@ -532,4 +533,5 @@ class TRLGeneration:
             self.engine.sleep(level=1)  # free the accelerator for the training step; generate_ids wakes it
         completions = [o.completions[0] for o in outs]
         return ([o.prompt_token_ids for o in outs], [c.token_ids for c in completions],
-                [[[lp] for lp in c.logprobs] for c in completions], [[[tok] for tok in c.token_ids] for c in completions])
+                [[[lp] for lp in c.logprobs] for c in completions],
+                [[[tok] for tok in c.token_ids] for c in completions])

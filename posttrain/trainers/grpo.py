@@ -123,7 +123,8 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.method_states and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_states(self.method_states, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -191,12 +192,16 @@ class EntropyControlConfig(GRPOConfig):
     Defaults are ALGORITHMS.md's.
     """
 
-    advantage: str = field(default="grpo", metadata=_help("Advantage estimator (posttrain.algos.ADVANTAGES): grpo, bnpo, qae."))
+    advantage: str = field(
+        default="grpo", metadata=_help("Advantage estimator (posttrain.algos.ADVANTAGES): grpo, bnpo, qae.")
+    )
     advantage_decompose: bool = field(
-        default=False, metadata=_help("Compute one advantage per reward function and average them (BNPO's decomposition).")
+        default=False,
+        metadata=_help("Compute one advantage per reward function and average them (BNPO's decomposition)."),
     )
     token_weight: str = field(
-        default="none", metadata=_help("Per-token advantage reshaping (posttrain.algos.TOKEN_WEIGHTS): none, steer, dcpo, clip_cov.")
+        default="none",
+        metadata=_help("Per-token advantage reshaping (posttrain.algos.TOKEN_WEIGHTS): none, steer, dcpo, clip_cov."),
     )
     entropy_term: str = field(
         default="none", metadata=_help("Entropy loss term (posttrain.algos.ENTROPY_TERMS): none, epo.")
@@ -212,7 +217,8 @@ class EntropyControlConfig(GRPOConfig):
     steer_lambda_min: float = field(default=0.8, metadata=_help("STEER: smallest token weight (1 = plain GRPO)."))
     steer_form: str = field(default="exponential", metadata=_help("STEER weight form: exponential (paper) or linear."))
     steer_max_scope: str = field(
-        default="micro_batch", metadata=_help("STEER: max |Omega| per micro-batch (reference) or global (all processes).")
+        default="micro_batch",
+        metadata=_help("STEER: max |Omega| per micro-batch (reference) or global (all processes)."),
     )
     # Clip-Cov
     clip_cov_ratio: float = field(default=2e-4, metadata=_help("Clip-Cov: fraction of tokens whose update is dropped."))
@@ -223,9 +229,12 @@ class EntropyControlConfig(GRPOConfig):
     dcpo_t_high: float = field(default=1.2, metadata=_help("DCPO: temperature when H_prev <= H0."))
     dcpo_t_low: float = field(default=0.8, metadata=_help("DCPO: temperature when H_prev > H0."))
     dcpo_cap: float = field(default=0.1, metadata=_help("DCPO: cap on |H0 - H_prev| (0 = plain GRPO)."))
-    dcpo_threshold: float = field(default=0.05, metadata=_help("DCPO: a completion is correct when its reward exceeds this."))
+    dcpo_threshold: float = field(
+        default=0.05, metadata=_help("DCPO: a completion is correct when its reward exceeds this.")
+    )
     dcpo_entropy_signal: str = field(
-        default="nll", metadata=_help("DCPO: H_prev is the mean sampled-token NLL (nll, reference) or token entropy (entropy).")
+        default="nll",
+        metadata=_help("DCPO: H_prev is the mean sampled-token NLL (nll, reference) or token entropy (entropy)."),
     )
     # EPO
     epo_lambda: float = field(default=0.001, metadata=_help("EPO: weight lambda of the entropy term (0 = plain GRPO)."))
@@ -233,11 +242,14 @@ class EntropyControlConfig(GRPOConfig):
     epo_kappa_r: float = field(default=2.0, metadata=_help("EPO: corridor upper bound as a multiple of Hbar."))
     epo_alpha: float = field(default=0.05, metadata=_help("EPO: weight alpha of the corridor penalty."))
     epo_gamma: float = field(default=3.0, metadata=_help("EPO: decay gamma of beta_k = 1 + exp(-gamma k / k_mid)."))
-    epo_penalty_level: str = field(default="turn", metadata=_help("EPO: corridor on turn means (turn) or tokens (token)."))
+    epo_penalty_level: str = field(
+        default="turn", metadata=_help("EPO: corridor on turn means (turn) or tokens (token).")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for registry, name in ((ADVANTAGES, self.advantage), (TOKEN_WEIGHTS, self.token_weight), (ENTROPY_TERMS, self.entropy_term)):
+        for registry, name in ((ADVANTAGES, self.advantage), (TOKEN_WEIGHTS, self.token_weight),
+                               (ENTROPY_TERMS, self.entropy_term)):
             registry.get(name)  # unknown names fail here, with close matches
         if self.advantage_decompose is False and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("the entropy-control trainers need multi_objective_aggregation='sum_then_normalize' "
@@ -254,9 +266,10 @@ class EntropyControlConfig(GRPOConfig):
                                      fixed_alpha=self.bnpo_fixed_alpha, fixed_beta=self.bnpo_fixed_beta),
             "qae": lambda: QAEArgs(quantile=self.qae_quantile),
             "steer": lambda: STEERArgs(self.steer_lambda_min, self.steer_form, max_scope=self.steer_max_scope),
-            "clip_cov": lambda: ClipCovArgs(self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, self.epsilon, eps_high),
-            "dcpo": lambda: DCPOArgs(self.dcpo_h0, self.dcpo_t_high, self.dcpo_t_low, self.dcpo_cap, self.dcpo_threshold,
-                                     self.dcpo_entropy_signal),
+            "clip_cov": lambda: ClipCovArgs(self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, self.epsilon,
+                                            eps_high),
+            "dcpo": lambda: DCPOArgs(self.dcpo_h0, self.dcpo_t_high, self.dcpo_t_low, self.dcpo_cap,
+                                     self.dcpo_threshold, self.dcpo_entropy_signal),
             "epo": lambda: EPOArgs(self.epo_lambda, self.epo_kappa_l, self.epo_kappa_r, self.epo_alpha, self.epo_gamma,
                                    self.epo_penalty_level),
         }
@@ -274,7 +287,8 @@ class EntropyControlTrainer(GRPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         config = kwargs.get("args")
         if not isinstance(config, EntropyControlConfig):
-            raise TypeError(f"{type(self).__name__} needs an EntropyControlConfig (e.g. STEERConfig), got {type(config).__name__}")
+            raise TypeError(f"{type(self).__name__} needs an EntropyControlConfig (e.g. STEERConfig), "
+                            f"got {type(config).__name__}")
         self._loss_inputs: dict[str, Any] | None = None  # the micro-batch whose loss forward is running
         self._loss_entropies: torch.Tensor | None = None  # entropies of that forward, with gradient
         self._gathered_rewards: torch.Tensor | None = None
@@ -301,7 +315,8 @@ class EntropyControlTrainer(GRPOTrainer):
         if not values:
             return
         keys = sorted(values)
-        local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()).to(self.accelerator.device) for k in keys])
+        local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()).to(self.accelerator.device)
+                             for k in keys])
         gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(keys)).mean(0).tolist()
         for k, v in zip(keys, gathered):
             self._metrics[self._mode][k].append(v)
@@ -385,13 +400,17 @@ class EntropyControlTrainer(GRPOTrainer):
             stats.update(self._dcpo_context(ctx, inputs, logp, entropies, input_ids, logits_to_keep))
         advantages = self._tw_fn(inputs["advantages"], ctx, self._tw_args)
         if self.args.token_weight in ("steer", "clip_cov"):  # weights = new / old advantage where A != 0
-            base = inputs["advantages"].unsqueeze(-1).expand_as(advantages) if inputs["advantages"].dim() == 1 else inputs["advantages"]
+            base = (inputs["advantages"].unsqueeze(-1).expand_as(advantages) if inputs["advantages"].dim() == 1
+                    else inputs["advantages"])
             has = mask.bool() & (base != 0)
             w = advantages[has] / base[has]
             big = torch.tensor(float("inf"), device=w.device)
-            stats[f"{self.args.token_weight}/weight_mean"] = w.mean() if w.numel() else torch.tensor(1.0, device=w.device)
+            stats[f"{self.args.token_weight}/weight_mean"] = (w.mean() if w.numel()
+                                                              else torch.tensor(1.0, device=w.device))
             wmin = self.accelerator.gather((w.min() if w.numel() else big).reshape(1)).min()
-            self._metrics[self._mode][f"{self.args.token_weight}/weight_min"].append(wmin.item() if torch.isfinite(wmin) else 1.0)
+            self._metrics[self._mode][f"{self.args.token_weight}/weight_min"].append(
+                wmin.item() if torch.isfinite(wmin) else 1.0
+            )
         self._log_mean(stats)
         return advantages
 
@@ -411,7 +430,8 @@ class EntropyControlTrainer(GRPOTrainer):
         self._lm_head = model.get_output_embeddings()
 
     @torch.no_grad()
-    def _tempered_logps(self, input_ids: torch.Tensor, logits_to_keep: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tempered_logps(self, input_ids: torch.Tensor, logits_to_keep: int,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """log-probs of the completion tokens at the sampling temperature tau and at tau * T, from the
         kept hidden states (one LM-head projection per row, no backbone forward)."""
         hidden = torch.cat(self._hidden, dim=0)[:, -logits_to_keep - 1 : -1]
@@ -467,7 +487,8 @@ class EntropyControlTrainer(GRPOTrainer):
             if state.h_bar is not None:  # identical on every rank (gathered history), so no key mismatch
                 stats["epo/h_bar"] = state.h_bar
             if self._mode == "train":
-                self._accumulate("epo", torch.stack([diagnostics["entropy_traj"].float(), torch.ones((), device=term.device)]))
+                self._accumulate("epo", torch.stack([diagnostics["entropy_traj"].float(),
+                                                     torch.ones((), device=term.device)]))
         self._log_mean(stats)
         accumulation = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
         return term / accumulation

@@ -174,7 +174,7 @@ def test_gsm8k_mapping_from_local_file(tmp_path: Path) -> None:
         {"question": "How many?", "answer": "Work <<1+1=2>>\n#### 1,234"},
         {"question": "Owe?", "answer": "#### -5"},
     ]
-    path = write_lines(tmp_path / "gsm8k.jsonl", [json.dumps(r) for r in rows])
+    write_lines(tmp_path / "gsm8k.jsonl", [json.dumps(r) for r in rows])
     ds = get_task("gsm8k").load(path=tmp_path)
     assert ds["answer"] == ["1234", "-5"]
     assert ds["id"] == ["gsm8k-0", "gsm8k-1"]

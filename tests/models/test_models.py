@@ -3,7 +3,15 @@ import json
 import pytest
 import torch
 
-from posttrain.models import NAMED_MODELS, cache_dir, is_pulled, load_model, load_tokenizer, pull_model, resolve_model_path
+from posttrain.models import (
+    NAMED_MODELS,
+    cache_dir,
+    is_pulled,
+    load_model,
+    load_tokenizer,
+    pull_model,
+    resolve_model_path,
+)
 from posttrain.models.loading import _split_gguf
 
 

@@ -19,7 +19,7 @@ from datasets import Dataset  # noqa: E402
 
 from posttrain.models import load_model, load_tokenizer, lora_config, pull_model  # noqa: E402
 from posttrain.rollout import SamplingParams, make_engine  # noqa: E402
-from posttrain.rollout.vllm import VLLMEngine, topk_entropy  # noqa: E402
+from posttrain.rollout.vllm import topk_entropy  # noqa: E402
 
 TEMPERATURE = 0.9
 TOLERANCE = 1e-2

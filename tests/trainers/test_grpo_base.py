@@ -9,12 +9,12 @@ import trl
 
 from posttrain.models import load_model, load_tokenizer, lora_config
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
 TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
            "groups/frac_all_correct", "groups/frac_all_wrong", "groups/unique_answers"]
 
 
-from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward  # noqa: E402
 
 
 def config(out, **kw):

@@ -13,11 +13,19 @@ from posttrain.algos.entropy_terms import epo_beta
 from posttrain.algos.token_weights import DCPOArgs, dcpo_alpha
 from posttrain.models import load_model, load_tokenizer, lora_config
 from posttrain.trainers import grpo
-from posttrain.trainers.grpo import (BNPOConfig, BNPOTrainer, DCPOConfig, DCPOTrainer, EntropyControlConfig,
-                                     EntropyControlTrainer, EPOConfig, EPOTrainer, STEERConfig, STEERTrainer)
-
-
-from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward  # noqa: E402
+from posttrain.trainers.grpo import (
+    BNPOConfig,
+    BNPOTrainer,
+    DCPOConfig,
+    DCPOTrainer,
+    EntropyControlConfig,
+    EntropyControlTrainer,
+    EPOConfig,
+    EPOTrainer,
+    STEERConfig,
+    STEERTrainer,
+)
+from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
 METHODS = {"steer": (STEERTrainer, STEERConfig), "epo": (EPOTrainer, EPOConfig),
            "dcpo": (DCPOTrainer, DCPOConfig), "bnpo": (BNPOTrainer, BNPOConfig)}
