@@ -71,8 +71,11 @@ def test_lm_eval_task_through_the_suite(tmp_path, monkeypatch):
     from posttrain.data import export_jsonl
     from posttrain.models import load_model, load_tokenizer
 
-    monkeypatch.chdir(ROOT)  # the task file names its data relative to the repository root
-    export_jsonl(get_task("arithmetic"), "test", ROOT / "outputs" / "lm_eval_data" / "arithmetic_test.jsonl", limit=4)
+    # the task file names its data relative to the working directory: run from a scratch folder holding it, so the
+    # test never overwrites the repository's outputs/lm_eval_data (which bench/eval_lm_eval_compare.py uses)
+    work = tmp_path / "cwd"
+    export_jsonl(get_task("arithmetic"), "test", work / "outputs" / "lm_eval_data" / "arithmetic_test.jsonl", limit=4)
+    monkeypatch.chdir(work)
     suite = suite_from_dict({"name": "lm", "lm_eval_include": [str(TASKS_DIR)], "tasks": [
         {"name": "arith", "lm_eval": "posttrain_arithmetic", "limit": 2, "sampling": {"max_new_tokens": 8}}]})
     res = evaluate_suite(None, load_tokenizer("tiny-qwen2"), suite, tmp_path, hf_model=load_model("tiny-qwen2"))
