@@ -158,6 +158,14 @@ class _TextPrompts:
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         return self.generate_ids(encoded, sampling, prompts=prompts)  # type: ignore[attr-defined]
 
+    def _checked(self, prompt_ids: list[list[int]], sampling: SamplingParams | None
+                 ) -> tuple[list[list[int]], SamplingParams]:
+        """The prompts as int lists and the sampling (default if None), both checked against the context."""
+        sampling = sampling or SamplingParams()
+        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
+        _check_prompts(prompt_ids, sampling, self.max_model_len)  # type: ignore[attr-defined]
+        return prompt_ids, sampling
+
 
 class VLLMEngine(_Follows, _TextPrompts):
     """An in-process vLLM `LLM`, colocated with training.
@@ -248,11 +256,9 @@ class VLLMEngine(_Follows, _TextPrompts):
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
                      prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
         """Like `generate` from token ids. extra: more `vllm.SamplingParams` fields (e.g. stop strings)."""
-        sampling = sampling or SamplingParams()
         if not prompt_ids:
             return []
-        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
-        _check_prompts(prompt_ids, sampling, self.max_model_len)
+        prompt_ids, sampling = self._checked(prompt_ids, sampling)
         if self._weights_discarded and self._follow is None:
             raise RuntimeError("the engine slept at level 2 (weights discarded): call sync_weights(model) first")
         self.sync_if_stale(force=self._weights_discarded)
@@ -408,11 +414,9 @@ class VLLMServerEngine(_Follows, _TextPrompts):
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
                      prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
-        sampling = sampling or SamplingParams()
         if not prompt_ids:
             return []
-        prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
-        _check_prompts(prompt_ids, sampling, self.max_model_len)
+        prompt_ids, sampling = self._checked(prompt_ids, sampling)
         self.sync_if_stale()
         k = _num_logprobs(sampling, self.entropy_top_k)
         body = {"model": self._served, "n": sampling.n, "temperature": sampling.temperature,
