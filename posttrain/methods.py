@@ -1,7 +1,8 @@
 """Registry of training methods: recipe `method:` name -> trainer and config classes.
 
 Classes are named by import path and loaded lazily, so reading and validating a recipe does not
-import the trainers of every other method.
+import the trainers of every other method. A method's `kind` picks its pipeline (posttrain.pipelines): the
+recipe sections it reads and its data flow; the runner dispatches on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ class MethodSpec:
     name: str
     trainer: str  # "module:Class"
     config: str  # "module:Class", a dataclass extending the TRL config of that trainer
-    kind: str  # "grpo", "dpo", ...: which data/reward wiring the method needs
+    kind: str  # "grpo", "dpo", ...: the pipeline that runs it (posttrain.pipelines.PIPELINES)
 
     @staticmethod
     def _load(path: str) -> type:

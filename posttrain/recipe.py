@@ -49,7 +49,8 @@ KeyPath = list[str | int]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Engine = Literal["hf", "vllm"]
 
-# Trainer keys that another recipe section owns: the recipe must have one source of truth for them.
+# Trainer keys that another recipe section owns in `grpo` recipes: the recipe must have one source of truth for
+# them. Each kind's pipeline names its own (`Pipeline.owned_trainer_keys`); output_dir and seed belong to all.
 OWNED_TRAINER_KEYS: dict[str, str] = {
     "output_dir": "output_dir (top level)",
     "seed": "seed (top level)",
@@ -156,13 +157,17 @@ class EvalSpec:
 
 @dataclass(kw_only=True)
 class Recipe:
+    """A validated recipe. `data` and `eval` are the dataclasses of the method kind's pipeline
+    (`Pipeline.data_spec`, `Pipeline.eval_spec`; DataSpec and EvalSpec for `grpo`); `rewards` and `rollout`
+    are read only by the kinds that list them in `Pipeline.sections`."""
+
     method: str
     model: ModelSpec
-    data: DataSpec = field(default_factory=DataSpec)
+    data: Any = field(default_factory=DataSpec)  # the kind's data section
     rewards: list[RewardSpec] = field(default_factory=list)
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
     trainer: dict[str, Any] = field(default_factory=dict)  # checked against the method's config class
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    eval: Any = field(default_factory=EvalSpec)  # the kind's eval section
     output_dir: str
     seed: int = field(default=42, metadata={"ge": 0})
     # Where the recipe was read from; not a YAML key, and not part of equality (a saved copy is equal).
@@ -357,9 +362,30 @@ def _expand_shorthands(data: dict[str, Any]) -> None:
         data["rewards"] = [{"name": r} if isinstance(r, str) else r for r in rewards]
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("train", "eval"):
+        for key, shorthand in _data_shorthands(data.get("method")).items():
             if isinstance(section.get(key), str):
-                section[key] = {"task": section[key]}
+                section[key] = {shorthand: section[key]}
+
+
+def _data_shorthands(method: Any) -> dict[str, str]:
+    """`data:` keys whose value may be a bare string, and the field that string sets, for the method's kind
+    (the fields of its data dataclass typed with a dataclass that has a `_shorthand`)."""
+    cls: type = DataSpec
+    if isinstance(method, str):
+        try:
+            from posttrain.methods import get_method
+            from posttrain.pipelines import get_pipeline
+
+            cls = get_pipeline(get_method(method).kind).data_spec
+        except Exception:  # noqa: BLE001 - an unknown method is reported by validation
+            pass
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        for member in typing.get_args(tp) or (tp,):
+            shorthand = getattr(member, "_shorthand", None) if dataclasses.is_dataclass(member) else None
+            if shorthand:
+                out[name] = shorthand
+    return out
 
 
 # --- type checking --------------------------------------------------------------------------------------
@@ -555,6 +581,9 @@ def _build(cls: type, value: Any, path: KeyPath, errors: list[str],
     for f in fields:
         sub = [*path, f.name]
         raw, tp = value.get(f.name), hints[f.name]
+        if hooks and f.name in hooks:  # the hook also decides what an absent (None) value means
+            kwargs[f.name] = hooks[f.name](raw, errors)
+            continue
         if raw is None and not _is_optional(tp):
             if not _is_required(f):
                 continue  # absent, or null: null resets a defaulted field to its default
@@ -562,9 +591,6 @@ def _build(cls: type, value: Any, path: KeyPath, errors: list[str],
                 errors.append(f"missing required key '{_render(sub)}'")
                 continue
             raw = {}  # absent required section: report its own required keys (model.name_or_path)
-        if hooks and f.name in hooks:
-            kwargs[f.name] = hooks[f.name](raw, errors)
-            continue
         before = len(errors)
         kwargs[f.name] = _convert(raw, tp, sub, errors)
         if len(errors) == before:
@@ -587,25 +613,32 @@ def _unknown_key(path: KeyPath, candidates: Sequence[str], fallback: str) -> str
 # --- method and trainer ---------------------------------------------------------------------------------
 
 
-def _check_method(method: Any, errors: list[str]) -> type | None:
-    """The method's config class, or None (with a problem recorded) when it cannot be had."""
+def _check_method(method: Any, errors: list[str]) -> tuple[type | None, Any]:
+    """(the method's config class, its kind's pipeline), each None (with a problem recorded) when it cannot be had."""
     if method is None:
-        return None  # reported as a missing required key
+        return None, None  # reported as a missing required key
     if not isinstance(method, str):
-        return None  # reported as a type error
+        return None, None  # reported as a type error
     from posttrain.methods import get_method
+    from posttrain.pipelines import get_pipeline
 
     try:
         spec = get_method(method)
     except KeyError as err:
         errors.append(f"method: {err.args[0]}")
-        return None
+        return None, None
     try:
-        return spec.config_class()
+        pipeline = get_pipeline(spec.kind)
+    except Exception as err:  # noqa: BLE001 - a broken pipeline makes the kind's sections uncheckable
+        errors.append(f"method: cannot load the pipeline of kind '{spec.kind}' (method '{method}'): "
+                      f"{type(err).__name__}: {err}")
+        pipeline = None
+    try:
+        return spec.config_class(), pipeline
     except Exception as err:  # noqa: BLE001 - any import failure makes trainer keys uncheckable
         errors.append(f"method: cannot load config class {spec.config} of method '{method}': "
                       f"{type(err).__name__}: {err}")
-        return None
+        return None, pipeline
 
 
 def _config_hints(config_class: type) -> dict[str, Any]:
@@ -619,22 +652,24 @@ def _config_hints(config_class: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, f.type if not isinstance(f.type, str) else Any) for f in fields}
 
 
-def _check_trainer(config_class: type | None, trainer: Any, errors: list[str]) -> Any:
-    """The trainer mapping without cleared keys. Owned keys are rejected always; unknown keys and value
-    types are checked only when the method's config class is known."""
+def _check_trainer(config_class: type | None, owned: Mapping[str, str], trainer: Any, errors: list[str]) -> Any:
+    """The trainer mapping without cleared keys. Keys in `owned` (key -> the section that sets it) are rejected
+    always; unknown keys and value types are checked only when the method's config class is known."""
+    if trainer is None:
+        return {}
     if not isinstance(trainer, dict):
         errors.append(f"trainer: expected mapping, got {_describe(trainer)}")
         return trainer
     hints = _config_hints(config_class) if config_class is not None else {}
-    allowed = [name for name in hints if name not in OWNED_TRAINER_KEYS]
+    allowed = [name for name in hints if name not in owned]
     kept: dict[Any, Any] = {}
     for key, value in trainer.items():
         path: KeyPath = ["trainer", str(key)]
-        if value is None and key in hints and key not in OWNED_TRAINER_KEYS and not _accepts_none(hints[key]):
+        if value is None and key in hints and key not in owned and not _accepts_none(hints[key]):
             continue  # null for a non-optional field clears it: the config's default applies
         kept[key] = value
-        if key in OWNED_TRAINER_KEYS:
-            errors.append(f"trainer.{key} is set by {OWNED_TRAINER_KEYS[key]}")
+        if key in owned:
+            errors.append(f"trainer.{key} is set by {owned[key]}")
         elif config_class is None:
             continue
         elif key not in hints:
@@ -646,6 +681,47 @@ def _check_trainer(config_class: type | None, trainer: Any, errors: list[str]) -
 
 def _accepts_none(tp: Any) -> bool:
     return tp is Any or _is_optional(tp)
+
+
+# --- kind-specific sections -----------------------------------------------------------------------------
+
+_OPTIONAL_SECTIONS = ("rewards", "rollout")  # read only by the kinds that list them in Pipeline.sections
+
+
+def _section_hooks(pipeline: Any, method: Any) -> dict[str, FieldHook]:
+    """Hooks that build `data` and `eval` with the kind's dataclasses and refuse sections the kind never reads.
+    Without a pipeline (unknown method) `data` and `eval` are checked against the GRPO ones, so that the
+    recipe's other problems are still reported."""
+    data_cls = pipeline.data_spec if pipeline is not None else DataSpec
+    eval_cls = pipeline.eval_spec if pipeline is not None else EvalSpec
+
+    def section(name: str, cls: type) -> FieldHook:
+        def hook(raw: Any, errors: list[str]) -> Any:
+            return _build(cls, {} if raw is None else raw, [name], errors)
+
+        return hook
+
+    def optional(name: str) -> FieldHook:
+        tp = typing.get_type_hints(Recipe)[name]
+        default = next(f for f in dataclasses.fields(Recipe) if f.name == name).default_factory
+
+        def hook(raw: Any, errors: list[str]) -> Any:
+            if raw is None:
+                return default()
+            if pipeline is not None and name not in pipeline.sections:
+                used = ", ".join(sorted({"data", "eval", "trainer", *pipeline.sections}))
+                errors.append(f"{name}: method '{method}' (kind '{pipeline.kind}') does not read a {name} section "
+                              f"(its sections: {used}); remove it")
+                return default()
+            before = len(errors)
+            value = _convert(raw, tp, [name], errors)
+            return value if len(errors) == before else default()
+
+        return hook
+
+    hooks = {"data": section("data", data_cls), "eval": section("eval", eval_cls)}
+    hooks.update({name: optional(name) for name in _OPTIONAL_SECTIONS})
+    return hooks
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -677,9 +753,13 @@ def _validate(data: Mapping[str, Any], source: str | None, errors: list[str]) ->
     if "base" in data:
         errors.append("base: only allowed in recipe files (resolved by load_recipe)")
         data.pop("base")
-    config_class = _check_method(data.get("method"), errors)
-    check_trainer = functools.partial(_check_trainer, config_class)
-    recipe = _build(Recipe, data, [], errors, hooks={"trainer": check_trainer})
+    config_class, pipeline = _check_method(data.get("method"), errors)
+    owned = pipeline.owned_trainer_keys if pipeline is not None else OWNED_TRAINER_KEYS
+    hooks = {"trainer": functools.partial(_check_trainer, config_class, owned),
+             **_section_hooks(pipeline, data.get("method"))}
+    recipe = _build(Recipe, data, [], errors, hooks=hooks)
+    if recipe is not None and pipeline is not None and not errors:
+        errors.extend(pipeline.check(recipe))
     if errors or recipe is None:
         raise RecipeError(errors or ["recipe could not be built"], source)
     recipe.source = source
