@@ -1,9 +1,10 @@
-"""Command line: `posttrain train|quickstart|eval|models ...` (also `python -m posttrain ...` and
+"""Command line: `posttrain train|quickstart|eval|models|data ...` (also `python -m posttrain ...` and
 `accelerate launch -m posttrain train ...`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,43 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         state = "pulled" if is_pulled(name) else "not pulled"
         print(f"  {name:<24} [{state}] {entry.description}")
     print("Any Hub id, local model directory or .gguf file also works as model.name_or_path.")
+    return 0
+
+
+def _cmd_data_preferences(args: argparse.Namespace) -> int:
+    import yaml
+
+    from posttrain.data.preferences import PairBuildSpec, build_preference_pairs
+
+    options = {}
+    for item in args.option or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            print(f"posttrain: error: --option expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        options[key] = yaml.safe_load(value)
+    build = PairBuildSpec(task=args.task, options=options, split=args.split, path=args.path,
+                          num_prompts=args.num_prompts, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, max_pairs_per_prompt=args.max_pairs_per_prompt,
+                          reference_chosen=not args.no_reference, seed=args.seed, model=args.model,
+                          system_prompt=args.system_prompt, batch_size=args.batch_size)
+    engine = tokenizer = None
+    if args.engine == "vllm":
+        from posttrain.models import load_tokenizer
+        from posttrain.rollout import make_engine
+
+        tokenizer = load_tokenizer(args.model)
+        engine = make_engine("vllm", args.model, tokenizer, seed=args.seed)
+    try:
+        path = build_preference_pairs(args.model, build, args.output, tokenizer=tokenizer, engine=engine)
+    except ValueError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+    meta = json.loads(path.with_name(path.name.removesuffix(".jsonl") + ".meta.json").read_text())
+    c = meta["counts"]
+    print(f"[posttrain] {meta['pairs']} pairs ({c['sampled_pairs']} sampled, {c['reference_pairs']} with the "
+          f"reference answer) from {c['prompts']} prompts x {build.n} samples "
+          f"({c['correct_samples']} correct) -> {path}")
     return 0
 
 
@@ -124,6 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=_cmd_models_pull)
     lst = msub.add_parser("list", help="list named models and whether they are cached")
     lst.set_defaults(func=_cmd_models_list)
+
+    data = sub.add_parser("data", help="build datasets: preference pairs from a verifiable task")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prefs = dsub.add_parser(
+        "preferences", help="sample and grade completions of a task, write chosen/rejected pairs (JSONL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample --n completions for each of --num-prompts prompts of --task with the rollout engine, "
+                    "grade them with the task's grader, and write conversational preference pairs (chosen: a "
+                    "higher-scored completion, rejected: a lower-scored one of the same prompt) to --output, with "
+                    "the model, task, seed, sampling and counts in a .meta.json beside it. Prompts whose samples "
+                    "are all wrong take the task's reference answer as chosen unless --no-reference.\n\n"
+                    "  posttrain data preferences --model smollm2-135m-instruct --task arithmetic \\\n"
+                    "      --num-prompts 256 --n 8 --output data/pairs/arith_train.jsonl")
+    prefs.add_argument("--model", required=True, help="the sampling model (named model, local dir or Hub id)")
+    prefs.add_argument("--task", default="arithmetic", help="a registered task (arithmetic, gsm8k, ...)")
+    prefs.add_argument("--option", action="append", metavar="KEY=VALUE", help="a task option (repeatable)")
+    prefs.add_argument("--split", default="train", help="task split to take prompts from (default train)")
+    prefs.add_argument("--path", help="the task's local data (JSONL file or folder), for tasks read from files")
+    prefs.add_argument("--num-prompts", type=int, default=64)
+    prefs.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
+    prefs.add_argument("--temperature", type=float, default=1.0)
+    prefs.add_argument("--top-p", type=float, default=1.0)
+    prefs.add_argument("--max-new-tokens", type=int, default=64)
+    prefs.add_argument("--max-pairs-per-prompt", type=int, default=2)
+    prefs.add_argument("--no-reference", action="store_true",
+                       help="no reference-answer pairs: prompts whose samples tie give no pair")
+    prefs.add_argument("--seed", type=int, default=0)
+    prefs.add_argument("--system-prompt")
+    prefs.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (hf engine)")
+    prefs.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    prefs.add_argument("--output", required=True, metavar="FILE.jsonl")
+    prefs.set_defaults(func=_cmd_data_preferences)
 
     ev = sub.add_parser(
         "eval", help="evaluate a model (or a sequence of checkpoints) on an eval suite",

@@ -146,6 +146,9 @@ class ClassificationTask(Task):
         user = {"role": "user", "content": question + self.instruction.replace("{labels}", ", ".join(self.labels))}
         return [{"role": "system", "content": self.system_prompt}, user] if self.system_prompt else [user]
 
+    def reference_completion(self, answer: str) -> str:
+        return str(answer)
+
     def extract_answer(self, text: str) -> str | None:
         if self.labels is None:
             raise ValueError("task 'classification': labels unknown; load() the data or pass 'labels'")

@@ -92,6 +92,11 @@ class Task:
         """1.0 when the completion's answer equals the gold `answer`, else 0.0."""
         return 1.0 if math_equal(answer, self.extract_answer(text)) else 0.0
 
+    def reference_completion(self, answer: str) -> str:
+        """A response that states the gold `answer` in the form the grader reads (the chosen response of
+        preference pairs built for prompts the model never gets right)."""
+        return f"The final answer is \\boxed{{{answer}}}."
+
     def reward_funcs(self) -> list[Callable[..., list[float | None]]]:
         """TRL reward functions for training on this task (by default its grader, `accuracy`)."""
         return [get_reward("accuracy", self)]
