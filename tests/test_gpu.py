@@ -23,6 +23,17 @@ def test_entropy_summary_on_cuda_matches_cpu():
         assert float(on_gpu[key]) == pytest.approx(float(on_cpu[key]), rel=1e-9)
 
 
+def test_seeded_hf_generation_leaves_the_cuda_rng_alone():
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.rollout import HFEngine, SamplingParams
+
+    engine = HFEngine(load_model("tiny-qwen2").cuda(), load_tokenizer("tiny-qwen2"), progress=False)
+    torch.cuda.manual_seed(5)
+    before = torch.cuda.get_rng_state()
+    engine.generate(["What is 1 + 1?"], SamplingParams(temperature=1.0, max_new_tokens=4, seed=11))
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("method", ["grpo", "steer", "epo", "dcpo", "bnpo", "qae", "clip_cov", "epo_guessing"])
 def test_each_trainer_trains_on_cuda(method, tmp_path):
     from posttrain.recipe import load_recipe

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ __all__ = [
     "bnpo_inverse_pdf",
     "bnpo_advantages",
     "bnpo",
-    "bnpo_decomposed",
+    "bnpo_range_problem",
+    "decomposed_advantages",
     "qae",
 ]
 
@@ -72,7 +73,7 @@ def nanstd(x: Tensor, dim: int | None = None) -> Tensor:
     return std.squeeze() if dim is None else std.squeeze(dim)
 
 
-@ADVANTAGES.register("grpo", args=GRPOArgs)
+@ADVANTAGES.register("grpo", args=GRPOArgs, config={"scale_rewards": "scale_rewards"})
 def grpo(rewards: Tensor, group_size: int, args: GRPOArgs) -> Tensor:
     """GRPO advantage (DeepSeekMath, Shao et al. 2024): A_i = (R_i - mean_G R) / (std + eps).
 
@@ -102,15 +103,20 @@ def grpo(rewards: Tensor, group_size: int, args: GRPOArgs) -> Tensor:
 class BNPOArgs:
     """Rewards are mapped to [0, 1] by ``(R - reward_min) / (reward_max - reward_min)`` (then clipped);
     ``max_inverse_pdf`` clamps 1/BetaPDF (the paper's 1e6). ``fixed_alpha`` / ``fixed_beta``: use these
-    instead of the batch fit (e.g. 3/2 and 3/2: GRPO with population std, up to the constant pi/8)."""
+    instead of the batch fit (e.g. 3/2 and 3/2: GRPO with population std, up to the constant pi/8).
+    ``out_of_range``: what a batch with rewards outside [reward_min, reward_max] does (they are clipped):
+    ``"warn"`` (once per run, with the observed range) or ``"raise"``."""
 
     reward_min: float = 0.0
     reward_max: float = 1.0
     max_inverse_pdf: float = 1e6
     fixed_alpha: float | None = None
     fixed_beta: float | None = None
+    out_of_range: str = "warn"
 
     def __post_init__(self) -> None:
+        if self.out_of_range not in ("warn", "raise"):
+            raise ValueError(f"out_of_range must be 'warn' or 'raise', got {self.out_of_range!r}")
         for name in ("fixed_alpha", "fixed_beta"):
             value = getattr(self, name)
             if value is not None and not value >= 1.0:
@@ -196,7 +202,29 @@ def bnpo_diagnostics(rewards: Tensor, group_size: int, args: BNPOArgs) -> dict[s
     return {"alpha": float(alpha), "beta": float(beta)}
 
 
-@ADVANTAGES.register("bnpo", args=BNPOArgs, diagnostics=bnpo_diagnostics)
+def bnpo_range_problem(rewards: Tensor, group_size: int, args: BNPOArgs) -> str | None:
+    """A message when finite rewards fall outside [reward_min, reward_max] (BNPO clips them after mapping, which
+    changes the advantages: e.g. accuracy + format rewards in [0, 2], or rewards of +-1); raises instead when
+    ``args.out_of_range == "raise"``. None when every reward is in range."""
+    finite = rewards[torch.isfinite(rewards)]
+    if finite.numel() == 0:
+        return None
+    low, high = finite.min().item(), finite.max().item()
+    if low >= args.reward_min and high <= args.reward_max:
+        return None
+    message = (f"BNPO maps rewards to [0, 1] from [reward_min, reward_max] = [{args.reward_min:g}, "
+               f"{args.reward_max:g}] and clips the rest, but this batch has rewards in [{low:g}, {high:g}]; "
+               "set bnpo_reward_min / bnpo_reward_max to the rewards' range")
+    if args.out_of_range == "raise":
+        raise ValueError(message)
+    return message
+
+
+@ADVANTAGES.register(
+    "bnpo", args=BNPOArgs, diagnostics=bnpo_diagnostics, check=bnpo_range_problem,
+    config={"reward_min": "bnpo_reward_min", "reward_max": "bnpo_reward_max", "fixed_alpha": "bnpo_fixed_alpha",
+            "fixed_beta": "bnpo_fixed_beta", "out_of_range": "bnpo_out_of_range"},
+)
 def bnpo(rewards: Tensor, group_size: int, args: BNPOArgs) -> Tensor:
     """BNPO (Xiao et al. 2025): Beta-normalised advantage, the Beta re-fitted on this batch.
 
@@ -209,21 +237,24 @@ def bnpo(rewards: Tensor, group_size: int, args: BNPOArgs) -> Tensor:
     return bnpo_advantages(rewards, group_size, alpha, beta, args)
 
 
-def bnpo_decomposed(rewards_per_func: Tensor, group_size: int, args: BNPOArgs | list[BNPOArgs]) -> Tensor:
-    """BNPO advantage decomposition (paper, Sec. "advantage decomposition"): mean over reward functions
-    of one BNPO advantage each (own Beta fit per function).
-
-    ``rewards_per_func [B, K]`` -> ``[B]``; ``args`` one ``BNPOArgs`` for all K, or one per function.
-    Differs from ``bnpo`` on the summed reward: each reward function is normalised by its own Beta.
-    """
+def decomposed_advantages(fn: Any, rewards_per_func: Tensor, group_size: int, args: Any,
+                          weights: Tensor | None = None) -> Tensor:
+    """Advantage decomposition for any registered advantage ``fn`` (BNPO's Sec. "advantage decomposition"): one
+    advantage per reward function, then their weighted mean per completion, A_i = sum_j w_j m_ij A_ij /
+    sum_j w_j m_ij, where m_ij = 0 when function j returned nothing (NaN) for completion i, so a function that
+    did not score a row does not dilute its mean. ``rewards_per_func [B, K]``, ``weights [K]`` (default all 1:
+    the paper's plain mean) -> ``[B]``; rows no function scored get 0."""
     if rewards_per_func.dim() != 2:
         raise ValueError(f"rewards_per_func must be [B, K], got {tuple(rewards_per_func.shape)}")
     k = rewards_per_func.shape[1]
-    per = args if isinstance(args, list) else [args] * k
-    if len(per) != k:
-        raise ValueError(f"{len(per)} BNPOArgs for {k} reward functions")
-    cols = [bnpo(rewards_per_func[:, j].contiguous(), group_size, per[j]) for j in range(k)]
-    return torch.stack(cols, dim=1).mean(dim=1)
+    w = torch.ones(k, dtype=rewards_per_func.dtype, device=rewards_per_func.device) if weights is None else weights
+    if w.numel() != k:
+        raise ValueError(f"{w.numel()} weights for {k} reward functions")
+    cols = torch.stack([fn(rewards_per_func[:, j].contiguous(), group_size, args) for j in range(k)], dim=1)
+    present = (~torch.isnan(rewards_per_func)).to(cols.dtype) * w.to(cols.dtype).unsqueeze(0)
+    total = present.sum(dim=1)
+    out = (cols * present).sum(dim=1) / torch.where(total != 0, total, torch.ones_like(total))
+    return torch.where(total != 0, out, torch.zeros_like(out))
 
 
 # ------------------------------------------------------------------------------------------------ QAE
@@ -256,7 +287,7 @@ def _group_quantile(grouped: Tensor, q: float, interpolation: str) -> Tensor:
     return torch.sort(grouped, dim=1).values.gather(1, idx)
 
 
-@ADVANTAGES.register("qae", args=QAEArgs)
+@ADVANTAGES.register("qae", args=QAEArgs, config={"quantile": "qae_quantile"})
 def qae(rewards: Tensor, group_size: int, args: QAEArgs) -> Tensor:
     """QAE (Wu et al. 2025, "Quantile Advantage Estimation for Entropy-Safe Reasoning"):
     A_i = R_i - Q_K(R_group) (optionally / (std_G + eps)).

@@ -1,23 +1,24 @@
-"""Loss terms built from entropies (registry kind ``entropy_term``), cross-step entropy state, and the
-covariance token selection of Clip-Cov / KL-Cov.
+"""Loss terms built from entropies (registry kind ``entropy_term``) and the turn bookkeeping of multi-turn
+rollouts.
 
 Shared signature: ``fn(entropy: Tensor[B, T], ctx: EntropyContext, args) -> (term, diagnostics)``;
 ``entropy`` is the full-vocabulary token entropy WITH gradient, ``term`` a scalar to add to the policy
-loss, ``diagnostics`` detached scalar tensors (gatherable across processes before logging).
-State objects (``EPOState``, ``DCPOState``) hold plain Python floats/ints, JSON-able, and follow the
-``update`` / ``state_dict`` / ``load_state_dict`` protocol so the trainer checkpoints them.
+loss, ``diagnostics`` detached scalar tensors (gatherable across processes before logging; keys with a
+``/`` vary between processes and are not logged as they are). EPO's cross-step state is
+``posttrain.algos.state.EPOState``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from posttrain.algos.context import EntropyContext
 from posttrain.algos.registry import ENTROPY_TERMS
+from posttrain.algos.state import EPOState
 
 __all__ = [
     "EntropyContext",
@@ -29,34 +30,13 @@ __all__ = [
     "no_entropy_term",
     "turn_ids_from_env_mask",
     "per_turn_sums",
-    "EPOState",
-    "DCPOState",
-    "ClipCovArgs",
-    "KLCovArgs",
-    "ppo_clipped",
-    "covariance_scores",
-    "clip_cov_mask",
-    "kl_cov_mask",
-    "kl_cov_penalty",
 ]
 
 
-@dataclass
-class EntropyContext:
-    """Inputs of an ``entropy_term`` besides the entropies. ``mask [B, T]``; ``turn_ids [B, T]``: the
-    0-based turn index of each token (None: one turn per trajectory); ``h_bar``: mean of the earlier
-    steps' mean entropies (None at the first step); ``step``: optimizer step k; ``total_steps``."""
-
-    mask: Tensor
-    turn_ids: Tensor | None = None
-    h_bar: float | None = None
-    step: int = 0
-    total_steps: int = 1
-
-
-@ENTROPY_TERMS.register("none")
+@ENTROPY_TERMS.register("none", noop=True)
 def no_entropy_term(entropy: Tensor, ctx: EntropyContext, args: object = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """No term: a zero that stays attached to the graph (so every parameter still gets a gradient)."""
+    """No term (a zero attached to the graph). Registered as a no-op: trainers skip it, so no entropy gradient
+    is computed for it."""
     return (entropy * 0.0).sum(), {}
 
 
@@ -191,163 +171,18 @@ def per_turn_sums(values: Tensor, mask: Tensor, turn_ids: Tensor, n_turns: int) 
     return sums, counts
 
 
-@ENTROPY_TERMS.register("epo", args=EPOArgs)
+def epo_state_signal(diagnostics: dict[str, Tensor], ctx: EntropyContext, args: EPOArgs) -> tuple[Tensor, Tensor]:
+    """EPO's history takes one value per optimizer step: the mean over the step's micro-batches (and processes) of
+    H_traj, as (sum, count) of one micro-batch."""
+    h = diagnostics["entropy_traj"]
+    return h.float(), torch.ones((), device=h.device)
+
+
+@ENTROPY_TERMS.register(
+    "epo", args=EPOArgs, state=EPOState, state_signal=epo_state_signal,
+    config={"lam": "epo_lambda", "kappa_l": "epo_kappa_l", "kappa_r": "epo_kappa_r", "alpha": "epo_alpha",
+            "gamma": "epo_gamma", "penalty_level": "epo_penalty_level"},
+)
 def epo(entropy: Tensor, ctx: EntropyContext, args: EPOArgs) -> tuple[Tensor, dict[str, Tensor]]:
     """EPO through the registry: ``epo_loss_term`` with turns, Hbar, k and total steps from ``ctx``."""
     return epo_loss_term(entropy, ctx.mask, ctx.turn_ids, ctx.h_bar, ctx.step, ctx.total_steps, args)
-
-
-class EPOState:
-    """EPO's cross-step state: running sum and count of per-step mean entropies, and the step k.
-
-    Per step: read ``h_bar`` (None before any update) and ``step``, compute the loss, then
-    ``update(mean entropy of this step, gathered over processes)``. Non-finite entropies advance the
-    step but stay out of the history.
-    """
-
-    def __init__(self) -> None:
-        self.entropy_sum: float = 0.0
-        self.entropy_count: int = 0
-        self.step: int = 0
-
-    def update(self, step_mean_entropy: float) -> None:
-        value = float(step_mean_entropy)
-        if math.isfinite(value):
-            self.entropy_sum += value
-            self.entropy_count += 1
-        self.step += 1
-
-    @property
-    def h_bar(self) -> float | None:
-        return self.entropy_sum / self.entropy_count if self.entropy_count else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"entropy_sum": self.entropy_sum, "entropy_count": self.entropy_count, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.entropy_sum = float(state["entropy_sum"])
-        self.entropy_count = int(state["entropy_count"])
-        self.step = int(state["step"])
-
-
-class DCPOState:
-    """DCPO's cross-step state: H_prev, the previous step's entropy signal (starts at 0, so the first
-    target temperature is T_high), and the number of updates. Non-finite signals keep the old value."""
-
-    def __init__(self, h_prev: float = 0.0) -> None:
-        self.h_prev: float = float(h_prev)
-        self.step: int = 0
-
-    def update(self, entropy_signal: float) -> None:
-        value = float(entropy_signal)
-        if math.isfinite(value):
-            self.h_prev = value
-        self.step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"h_prev": self.h_prev, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.h_prev = float(state["h_prev"])
-        self.step = int(state["step"])
-
-
-# ------------------------------------------------------------------------------------ Clip-Cov/KL-Cov
-@dataclass(frozen=True)
-class ClipCovArgs:
-    """Clip-Cov (reference defaults): drop ``max(int(clip_ratio * n_valid), 1)`` random tokens whose
-    covariance lies in (cov_lb, cov_ub). ``epsilon_low/high``: the PPO clip range of the trainer, used
-    to leave already-clipped tokens alone (set them from the trainer's own epsilons)."""
-
-    clip_ratio: float = 2e-4
-    cov_lb: float = 1.0
-    cov_ub: float = 5.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-
-
-@dataclass(frozen=True)
-class KLCovArgs:
-    """KL-Cov (reference defaults): KL-penalise the top ``max(int(kl_cov_ratio * n_valid), 1)``
-    covariance tokens with ``coef * |log p - log p_old|``."""
-
-    kl_cov_ratio: float = 2e-4
-    coef: float = 1.0
-
-
-def ppo_clipped(advantages: Tensor, ratio: Tensor, epsilon_low: float, epsilon_high: float) -> Tensor:
-    """Tokens where PPO's clipped branch is active: -A clip(r, 1-eps_low, 1+eps_high) > -A r. ``[B, T]`` bool."""
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    return (-adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)) > (-adv * ratio)
-
-
-@torch.no_grad()
-def covariance_scores(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
-    """Token covariance score (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs"):
-    (A - mean A)(log p - mean log p), means over the valid tokens of the batch; ``[B, T]``, padding 0.
-    Its batch mean is Cov(log p, A), whose sign drives entropy down (positive) or up (negative)."""
-    valid = mask.bool()
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand_as(logp).to(logp.dtype)
-    n = valid.sum().clamp(min=1)
-    zero = torch.zeros_like(logp)
-    mean_a = torch.where(valid, adv, zero).sum() / n
-    mean_l = torch.where(valid, logp, zero).sum() / n
-    return torch.where(valid, (adv - mean_a) * (logp - mean_l), zero)
-
-
-@torch.no_grad()
-def clip_cov_mask(
-    advantages: Tensor,
-    logp: Tensor,
-    mask: Tensor,
-    clip_ratio: float = 2e-4,
-    cov_lb: float = 1.0,
-    cov_ub: float = 5.0,
-    exclude: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Clip-Cov keep-mask (Cui et al. 2025; PRIME-RL/Entropy-Mechanism-of-RL
-    ``compute_policy_loss_clip_cov``): 1 = keep the token's loss, 0 = drop it (padding 0).
-
-    ``advantages [B]`` or ``[B, T]``, ``logp [B, T]`` (current policy), ``mask [B, T]``; ``exclude [B, T]``:
-    tokens never dropped (the reference passes those PPO already clips). Eligible: valid tokens with
-    cov_lb < ``covariance_scores`` < cov_ub; ``max(int(clip_ratio * n_valid), 1)`` of them are drawn
-    uniformly at random (not the top ones, as in the reference). Differs from ``kl_cov_mask``:
-    random in a band, and the loss is removed, not penalised.
-    """
-    valid = mask.bool()
-    cov = covariance_scores(advantages, logp, mask)
-    eligible = valid & (cov > cov_lb) & (cov < cov_ub)
-    if exclude is not None:
-        eligible &= ~exclude.bool()
-    keep = valid.to(logp.dtype).clone()
-    candidates = eligible.flatten().nonzero().squeeze(1)
-    if candidates.numel():
-        clip_num = max(int(clip_ratio * int(valid.sum().item())), 1)
-        device = generator.device if generator is not None else candidates.device
-        order = torch.randperm(candidates.numel(), generator=generator, device=device).to(candidates.device)
-        keep.view(-1)[candidates[order[:clip_num]]] = 0.0
-    return keep
-
-
-@torch.no_grad()
-def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, kl_cov_ratio: float = 2e-4) -> Tensor:
-    """KL-Cov selection (Cui et al. 2025; reference ``compute_policy_loss_kl_cov``): the
-    ``max(int(kl_cov_ratio * n_valid), 1)`` valid tokens with the LARGEST covariance score, as a bool
-    ``[B, T]`` (none when no token is valid). Differs from ``clip_cov_mask``: deterministic top-k, no band."""
-    valid = mask.bool()
-    selected = torch.zeros_like(valid)
-    n_valid = int(valid.sum().item())
-    if n_valid == 0:
-        return selected
-    cov = covariance_scores(advantages, logp, mask).masked_fill(~valid, -math.inf)
-    k = max(int(kl_cov_ratio * n_valid), 1)
-    selected.view(-1)[cov.flatten().topk(k).indices] = True
-    return selected
-
-
-def kl_cov_penalty(logp: Tensor, old_logp: Tensor, selected: Tensor, coef: float = 1.0) -> Tensor:
-    """KL-Cov per-token penalty coef * |log p - log p_old| on the selected tokens, 0 elsewhere; ``[B, T]``,
-    differentiable in ``logp``, to add to the per-token policy loss before aggregation (the reference
-    also drops PPO clipping for KL-Cov)."""
-    return coef * (logp - old_logp).abs() * selected.to(logp.dtype)

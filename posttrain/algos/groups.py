@@ -4,6 +4,7 @@ diverse each group's final answers are. Groups are contiguous blocks of `group_s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -29,3 +30,17 @@ def mean_unique_per_group(answers: Sequence[Hashable | None], group_size: int) -
         raise ValueError(f"{len(answers)} answers is not a multiple of group size {group_size}")
     groups = [answers[i : i + group_size] for i in range(0, len(answers), group_size)]
     return sum(len(set(g)) for g in groups) / max(len(groups), 1)
+
+
+def correct_mask(rewards_per_func: torch.Tensor, names: Sequence[str], weights: torch.Tensor, reward: str,
+                 threshold: float) -> torch.Tensor:
+    """The one notion of "correct" every component and metric uses: the reward function named `reward` above
+    `threshold`, or, when no function has that name, the weighted total reward above it. `rewards_per_func [B, K]`
+    (NaN: not scored, never correct), `weights [K]` -> bool `[B]`. A wrong but well-formatted answer stays wrong
+    as long as the accuracy reward is the one named."""
+    if reward in names:
+        score = rewards_per_func[:, list(names).index(reward)]
+    else:
+        score = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
+        score = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.full_like(score, math.nan), score)
+    return torch.nan_to_num(score, nan=-math.inf) > threshold

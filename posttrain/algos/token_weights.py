@@ -5,7 +5,10 @@ the per-token advantages to feed TRL's clipped loss (TRL accepts ``[B, T]`` adva
 detached and 0 on padding. A non-negative per-token weight w can be applied this way because the
 clipped loss is positively homogeneous in A: w * l(A) = l(w * A) for w >= 0.
 
-Also here: DCPO's controller arithmetic and the tempered sampled-token log-probabilities it needs.
+Also here: DCPO's controller arithmetic and the tempered sampled-token log-probabilities it needs, and the
+covariance token selection of Clip-Cov / KL-Cov. Each registration declares what the trainer must provide
+(``needs``), how its arguments are read from a trainer config, its diagnostics and its state
+(``posttrain.algos.registry``).
 """
 
 from __future__ import annotations
@@ -17,58 +20,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.algos.entropy_terms import ClipCovArgs, clip_cov_mask, ppo_clipped
+from posttrain.algos.context import TokenContext
 from posttrain.algos.registry import TOKEN_WEIGHTS
+from posttrain.algos.state import DCPOState
 
 __all__ = [
     "TokenContext",
     "STEERArgs",
     "DCPOArgs",
+    "ClipCovArgs",
+    "KLCovArgs",
     "broadcast_advantages",
+    "weight_diagnostics",
     "steer_omega",
     "steer_weights",
     "steer",
     "sampled_token_logprobs",
     "dcpo_entropy_signal",
     "dcpo_temperature",
-    "dcpo_correct",
     "dcpo_alpha",
     "dcpo_rho",
     "dcpo_advantages",
     "dcpo",
     "clip_cov",
     "no_token_weight",
+    "ppo_clipped",
+    "covariance_scores",
+    "clip_cov_mask",
+    "kl_cov_mask",
+    "kl_cov_penalty",
 ]
-
-
-@dataclass
-class TokenContext:
-    """Per-token inputs a ``token_weight`` function may read; a function raises if one it needs is None.
-
-    Shapes: ``[B, T]`` unless noted. ``mask``: 1 on completion tokens, 0 on padding. ``logp``: log p of
-    the sampled token under the current policy (at the sampling temperature, as TRL computes it);
-    ``ratio``: p / p_old; ``old_logp`` / ``old_logp_tempered``: old-policy log-prob of the sampled token
-    at temperature 1 / at DCPO's temperature T (``sampled_token_logprobs``); ``entropy_old``: full-vocab
-    entropy of the old policy; ``rewards [B]``; ``p_hat``: fraction correct over the GLOBAL batch;
-    ``h_prev``: DCPO's previous-step entropy signal; ``omega_max``: STEER's max |Omega| taken globally.
-    """
-
-    mask: Tensor
-    logp: Tensor | None = None
-    ratio: Tensor | None = None
-    old_logp: Tensor | None = None
-    old_logp_tempered: Tensor | None = None
-    entropy_old: Tensor | None = None
-    rewards: Tensor | None = None
-    p_hat: float | None = None
-    h_prev: float | None = None
-    omega_max: float | None = None
-
-    def need(self, method: str, *names: str) -> list[Any]:
-        missing = [n for n in names if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"token_weight {method!r} needs TokenContext fields: {', '.join(missing)}")
-        return [getattr(self, n) for n in names]
 
 
 def broadcast_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -78,7 +59,18 @@ def broadcast_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     return adv.expand_as(mask).to(torch.result_type(adv, 1.0)) * mask.to(adv.dtype)
 
 
-@TOKEN_WEIGHTS.register("none")
+def weight_diagnostics(advantages: Tensor, out: Tensor, ctx: TokenContext, args: Any = None) -> dict[str, Tensor]:
+    """``weight_mean`` and ``weight_min`` of a reweighting: out / A over the valid tokens where A != 0 (1 when
+    there is none). Logged by the trainer as ``<component>/weight_mean`` (mean over processes) and
+    ``<component>/weight_min`` (min over processes)."""
+    base = broadcast_advantages(advantages, ctx.mask)
+    has = ctx.mask.bool() & (base != 0)
+    w = out[has] / base[has]
+    one = torch.ones((), device=out.device, dtype=out.dtype)
+    return {"weight_mean": w.mean() if w.numel() else one, "weight_min": w.min() if w.numel() else one}
+
+
+@TOKEN_WEIGHTS.register("none", noop=True)
 def no_token_weight(advantages: Tensor, ctx: TokenContext, args: object = None) -> Tensor:
     """Identity: the base GRPO token loss (advantage broadcast to tokens, padding 0). ``[B]`` -> ``[B, T]``."""
     return broadcast_advantages(advantages, ctx.mask)
@@ -88,8 +80,8 @@ def no_token_weight(advantages: Tensor, ctx: TokenContext, args: object = None) 
 @dataclass(frozen=True)
 class STEERArgs:
     """STEER weights. ``form``: ``"exponential"`` (paper) or ``"linear"``. ``max_scope``:
-    ``"micro_batch"`` (reference) or ``"global"`` (the trainer gathers max |Omega| into
-    ``TokenContext.omega_max``). lambda_min = 0.8 follows the reference scripts (the paper reports 0.7)."""
+    ``"micro_batch"`` (reference) or ``"global"`` (max |Omega| over all processes, through
+    ``TokenContext.reduce_max``). lambda_min = 0.8 follows the reference scripts (the paper reports 0.7)."""
 
     lambda_min: float = 0.8
     form: str = "exponential"
@@ -154,16 +146,22 @@ def steer_weights(omega: Tensor, mask: Tensor, args: STEERArgs, global_max: floa
     return w.masked_fill(~valid, 0.0)
 
 
-@TOKEN_WEIGHTS.register("steer", args=STEERArgs)
+@TOKEN_WEIGHTS.register(
+    "steer", args=STEERArgs, needs={"entropy_old"}, diagnostics=weight_diagnostics,
+    config={"lambda_min": "steer_lambda_min", "form": "steer_form", "max_scope": "steer_max_scope"},
+)
 def steer(advantages: Tensor, ctx: TokenContext, args: STEERArgs) -> Tensor:
     """STEER: per-token advantages lambda_{i,t} * A_i (``[B]`` -> ``[B, T]``); equal to the paper's
-    token-mean of lambda * l because lambda > 0. Needs ``ratio``, ``logp``, ``entropy_old``;
-    ``omega_max`` when ``args.max_scope == "global"``. Differs from ``dcpo``: it shrinks, never adds."""
+    token-mean of lambda * l because lambda > 0. Needs ``ratio``, ``logp``, ``entropy_old`` (the sampling
+    policy's entropies, H_old of the paper); ``reduce_max`` when ``args.max_scope == "global"``.
+    Differs from ``dcpo``: it shrinks, never adds."""
     ratio, logp, entropy_old = ctx.need("steer", "ratio", "logp", "entropy_old")
-    if args.max_scope == "global":
-        ctx.need("steer", "omega_max")
     omega = steer_omega(advantages.detach(), ratio.detach(), logp.detach(), entropy_old.detach(), ctx.mask)
-    weights = steer_weights(omega, ctx.mask, args, global_max=ctx.omega_max if args.max_scope == "global" else None)
+    global_max = None
+    if args.max_scope == "global":
+        (reduce_max,) = ctx.need("steer", "reduce_max")
+        global_max = reduce_max(omega.abs().amax()).item()
+    weights = steer_weights(omega, ctx.mask, args, global_max=global_max)
     return broadcast_advantages(advantages, ctx.mask) * weights
 
 
@@ -172,13 +170,14 @@ def steer(advantages: Tensor, ctx: TokenContext, args: STEERArgs) -> Tensor:
 class DCPOArgs:
     """DCPO controller. h0 = 0.25 is the paper's best (the reference script ships 0.5).
     ``entropy_signal``: what H_prev measures, ``"nll"`` (reference: mean sampled-token NLL during the
-    update) or ``"entropy"`` (true full-vocabulary token entropy); see ``dcpo_entropy_signal``."""
+    update) or ``"entropy"`` (true full-vocabulary token entropy); see ``dcpo_entropy_signal``. Which
+    completions count as correct (y) is the trainer's one notion of correct (``TokenContext.correct``), not a
+    threshold of DCPO's own."""
 
     h0: float = 0.25
     t_high: float = 1.2
     t_low: float = 0.8
     cap: float = 0.1
-    threshold: float = 0.05
     entropy_signal: str = "nll"
 
     def __post_init__(self) -> None:
@@ -239,11 +238,6 @@ def dcpo_temperature(h_prev: float, args: DCPOArgs) -> float:
     return args.t_high if h_prev <= args.h0 else args.t_low
 
 
-def dcpo_correct(rewards: Tensor, args: DCPOArgs) -> Tensor:
-    """DCPO correctness y_i = 1[R_i > threshold] as float, ``[B]`` -> ``[B]`` (NaN reward -> 0)."""
-    return (torch.nan_to_num(rewards.detach(), nan=-math.inf) > args.threshold).to(torch.result_type(rewards, 1.0))
-
-
 def dcpo_alpha(h_prev: float, p_hat: float, args: DCPOArgs) -> float:
     """DCPO mixing weight: alpha~ = min(|H0 - H_prev|, cap) / p_hat, alpha = alpha~ / (1 + alpha~).
 
@@ -283,21 +277,161 @@ def dcpo_advantages(
     return out if mask is None else out * mask.to(out.dtype)
 
 
-@TOKEN_WEIGHTS.register("dcpo", args=DCPOArgs)
+def dcpo_temperatures(args: DCPOArgs) -> tuple[float, ...]:
+    """The temperature factors whose sampling-policy log-probs DCPO reads: 1 and both targets (which one a step
+    uses is known only at its loss, after the controller has moved)."""
+    return (1.0, args.t_high, args.t_low)
+
+
+def _dcpo_step(ctx: TokenContext, args: DCPOArgs) -> tuple[float, float, float]:
+    """(h_prev, p_hat, temperature) of this step; h_prev defaults to 0 (the initial state), p_hat to the local
+    mean of y (pass the global one in multi-process runs)."""
+    (correct,) = ctx.need("dcpo", "correct")
+    h_prev = ctx.h_prev if ctx.h_prev is not None else 0.0
+    p_hat = ctx.p_hat if ctx.p_hat is not None else (correct.float().mean().item() if correct.numel() else 0.0)
+    return h_prev, p_hat, dcpo_temperature(h_prev, args)
+
+
+def dcpo_diagnostics(advantages: Tensor, out: Tensor, ctx: TokenContext, args: DCPOArgs) -> dict[str, float]:
+    """Logged as ``dcpo/temperature``, ``dcpo/alpha``, ``dcpo/h_prev`` and ``dcpo/p_hat``."""
+    h_prev, p_hat, temperature = _dcpo_step(ctx, args)
+    return {"temperature": temperature, "alpha": dcpo_alpha(h_prev, p_hat, args), "h_prev": h_prev, "p_hat": p_hat}
+
+
+def dcpo_state_signal(ctx: TokenContext, args: DCPOArgs) -> tuple[Tensor, Tensor]:
+    """H_prev of the next step, as (sum, count) of this micro-batch during the update (``dcpo_entropy_signal``)."""
+    (logp,) = ctx.need("dcpo", "logp")
+    return dcpo_entropy_signal(logp, ctx.mask, args, ctx.entropy)
+
+
+@TOKEN_WEIGHTS.register(
+    "dcpo", args=DCPOArgs, needs={"tempered_old_logps", "correct"}, temperatures=dcpo_temperatures,
+    state=DCPOState, state_signal=dcpo_state_signal, diagnostics=dcpo_diagnostics,
+    config={"h0": "dcpo_h0", "t_high": "dcpo_t_high", "t_low": "dcpo_t_low", "cap": "dcpo_cap",
+            "entropy_signal": "dcpo_entropy_signal"},
+)
 def dcpo(advantages: Tensor, ctx: TokenContext, args: DCPOArgs) -> Tensor:
-    """DCPO per-token advantages from a ``TokenContext``. Needs ``old_logp``, ``old_logp_tempered``
-    (at ``dcpo_temperature(h_prev)``), ``rewards``; ``h_prev`` defaults to 0 (the initial state) and
-    ``p_hat`` to the local mean of y (pass the global one in multi-process runs)."""
-    old_logp, old_logp_t, rewards = ctx.need("dcpo", "old_logp", "old_logp_tempered", "rewards")
-    y = dcpo_correct(rewards, args)
-    p_hat = ctx.p_hat if ctx.p_hat is not None else (y.mean().item() if y.numel() else 0.0)
-    alpha = dcpo_alpha(ctx.h_prev if ctx.h_prev is not None else 0.0, p_hat, args)
-    rho = dcpo_rho(old_logp_t.detach(), old_logp.detach(), ctx.mask)
+    """DCPO per-token advantages from a ``TokenContext``. Needs ``tempered_old_logps`` (the sampling policy's
+    sampled-token log-probs at factors 1 and ``dcpo_temperature(h_prev)``) and ``correct`` (y); rho is
+    taken between the two, so it is exactly 1 at T = 1 and never mixes the current policy in."""
+    (tempered,) = ctx.need("dcpo", "tempered_old_logps")
+    h_prev, p_hat, temperature = _dcpo_step(ctx, args)
+    missing = [t for t in (1.0, temperature) if t not in tempered]
+    if missing:
+        raise ValueError(f"token_weight 'dcpo' needs tempered_old_logps at {missing}; got {sorted(tempered)}")
+    alpha = dcpo_alpha(h_prev, p_hat, args)
+    rho = dcpo_rho(tempered[temperature].detach(), tempered[1.0].detach(), ctx.mask)
+    y = ctx.correct.detach().to(rho.dtype)
     return dcpo_advantages(advantages.detach(), y, rho, alpha, ctx.mask)
 
 
-# ------------------------------------------------------------------------------------------- Clip-Cov
-@TOKEN_WEIGHTS.register("clip_cov", args=ClipCovArgs)
+# ------------------------------------------------------------------------------------ Clip-Cov/KL-Cov
+@dataclass(frozen=True)
+class ClipCovArgs:
+    """Clip-Cov (reference defaults): drop ``max(int(clip_ratio * n_valid), 1)`` random tokens whose
+    covariance lies in (cov_lb, cov_ub). ``epsilon_low/high``: the PPO clip range of the trainer, used
+    to leave already-clipped tokens alone (set them from the trainer's own epsilons)."""
+
+    clip_ratio: float = 2e-4
+    cov_lb: float = 1.0
+    cov_ub: float = 5.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+
+
+@dataclass(frozen=True)
+class KLCovArgs:
+    """KL-Cov (reference defaults): KL-penalise the top ``max(int(kl_cov_ratio * n_valid), 1)``
+    covariance tokens with ``coef * |log p - log p_old|``."""
+
+    kl_cov_ratio: float = 2e-4
+    coef: float = 1.0
+
+
+def ppo_clipped(advantages: Tensor, ratio: Tensor, epsilon_low: float, epsilon_high: float) -> Tensor:
+    """Tokens where PPO's clipped branch is active: -A clip(r, 1-eps_low, 1+eps_high) > -A r. ``[B, T]`` bool."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    return (-adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)) > (-adv * ratio)
+
+
+@torch.no_grad()
+def covariance_scores(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """Token covariance score (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs"):
+    (A - mean A)(log p - mean log p), means over the valid tokens of the batch; ``[B, T]``, padding 0.
+    Its batch mean is Cov(log p, A), whose sign drives entropy down (positive) or up (negative)."""
+    valid = mask.bool()
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand_as(logp).to(logp.dtype)
+    n = valid.sum().clamp(min=1)
+    zero = torch.zeros_like(logp)
+    mean_a = torch.where(valid, adv, zero).sum() / n
+    mean_l = torch.where(valid, logp, zero).sum() / n
+    return torch.where(valid, (adv - mean_a) * (logp - mean_l), zero)
+
+
+@torch.no_grad()
+def clip_cov_mask(
+    advantages: Tensor,
+    logp: Tensor,
+    mask: Tensor,
+    clip_ratio: float = 2e-4,
+    cov_lb: float = 1.0,
+    cov_ub: float = 5.0,
+    exclude: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Clip-Cov keep-mask (Cui et al. 2025; PRIME-RL/Entropy-Mechanism-of-RL
+    ``compute_policy_loss_clip_cov``): 1 = keep the token's loss, 0 = drop it (padding 0).
+
+    ``advantages [B]`` or ``[B, T]``, ``logp [B, T]`` (current policy), ``mask [B, T]``; ``exclude [B, T]``:
+    tokens never dropped (the reference passes those PPO already clips). Eligible: valid tokens with
+    cov_lb < ``covariance_scores`` < cov_ub; ``max(int(clip_ratio * n_valid), 1)`` of them are drawn
+    uniformly at random (not the top ones, as in the reference). Differs from ``kl_cov_mask``:
+    random in a band, and the loss is removed, not penalised.
+    """
+    valid = mask.bool()
+    cov = covariance_scores(advantages, logp, mask)
+    eligible = valid & (cov > cov_lb) & (cov < cov_ub)
+    if exclude is not None:
+        eligible &= ~exclude.bool()
+    keep = valid.to(logp.dtype).clone()
+    candidates = eligible.flatten().nonzero().squeeze(1)
+    if candidates.numel():
+        clip_num = max(int(clip_ratio * int(valid.sum().item())), 1)
+        device = generator.device if generator is not None else candidates.device
+        order = torch.randperm(candidates.numel(), generator=generator, device=device).to(candidates.device)
+        keep.view(-1)[candidates[order[:clip_num]]] = 0.0
+    return keep
+
+
+@torch.no_grad()
+def kl_cov_mask(advantages: Tensor, logp: Tensor, mask: Tensor, kl_cov_ratio: float = 2e-4) -> Tensor:
+    """KL-Cov selection (Cui et al. 2025; reference ``compute_policy_loss_kl_cov``): the
+    ``max(int(kl_cov_ratio * n_valid), 1)`` valid tokens with the LARGEST covariance score, as a bool
+    ``[B, T]`` (none when no token is valid). Differs from ``clip_cov_mask``: deterministic top-k, no band."""
+    valid = mask.bool()
+    selected = torch.zeros_like(valid)
+    n_valid = int(valid.sum().item())
+    if n_valid == 0:
+        return selected
+    cov = covariance_scores(advantages, logp, mask).masked_fill(~valid, -math.inf)
+    k = max(int(kl_cov_ratio * n_valid), 1)
+    selected.view(-1)[cov.flatten().topk(k).indices] = True
+    return selected
+
+
+def kl_cov_penalty(logp: Tensor, old_logp: Tensor, selected: Tensor, coef: float = 1.0) -> Tensor:
+    """KL-Cov per-token penalty coef * |log p - log p_old| on the selected tokens, 0 elsewhere; ``[B, T]``,
+    differentiable in ``logp``, to add to the per-token policy loss before aggregation (the reference
+    also drops PPO clipping for KL-Cov)."""
+    return coef * (logp - old_logp).abs() * selected.to(logp.dtype)
+
+
+@TOKEN_WEIGHTS.register(
+    "clip_cov", args=ClipCovArgs, diagnostics=weight_diagnostics,
+    config={"clip_ratio": "clip_cov_ratio", "cov_lb": "clip_cov_lb", "cov_ub": "clip_cov_ub",
+            "epsilon_low": "epsilon",
+            "epsilon_high": lambda c: c.epsilon_high if c.epsilon_high is not None else c.epsilon},
+)
 def clip_cov(advantages: Tensor, ctx: TokenContext, args: ClipCovArgs) -> Tensor:
     """Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs") as per-token
     advantages: A * keep, where ``clip_cov_mask`` drops a few high-covariance tokens not already

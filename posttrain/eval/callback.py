@@ -113,6 +113,16 @@ class EvalCallback(TrainerCallback):
             logger.warning(message)
             warnings.warn(message, EntropyCollapseWarning, stacklevel=2)
 
+    # --- checkpointed state (a resumed run keeps its collapse reference, events and evaluation history) ------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference), "collapse": list(self.collapse), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = {str(k): float(v) for k, v in state["reference"].items()}
+        self.collapse = list(state["collapse"])
+        self.history = list(state["history"])
+
     def summary(self) -> dict[str, Any]:
         """What the run report shows: the collapse events (empty when none) and the evaluations made."""
         return {"collapse": list(self.collapse), "collapse_fraction": self.collapse_fraction,
@@ -186,7 +196,9 @@ def add_eval_callback(trainer: Any, recipe: Any, tokenizer: Any,
                       report_dir: str | Path | None = None) -> EvalCallback | None:
     """Attach an EvalCallback built from the recipe's `eval.suites` and `eval.every_n_steps` (None when unset).
 
-    Uses the trainer's shared rollout engine when it has one (`trainer.rollout_engine`)."""
+    Uses the trainer's shared rollout engine when it has one (`trainer.rollout_engine`). With a trainer that
+    checkpoints method state (`posttrain.trainers.state.MethodStateMixin`), the callback's collapse reference,
+    events and history are saved in every checkpoint and restored on resume."""
     ev = recipe.eval
     if not ev.suites or not ev.every_n_steps:
         return None
@@ -196,4 +208,6 @@ def add_eval_callback(trainer: Any, recipe: Any, tokenizer: Any,
         output_dir=Path(report_dir) / "eval_during_training" if report_dir is not None else None,
     )
     trainer.add_callback(callback)
+    if isinstance(getattr(trainer, "method_states", None), dict):
+        trainer.method_states["eval_callback"] = callback
     return callback

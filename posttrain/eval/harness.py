@@ -192,8 +192,10 @@ def evaluate_entry(
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             prompts = [_prompt(tokenizer, rows[i]["prompt"], entry.prompt_format, format_prompt) for i in chunk]
-            # the seed depends on where the chunk starts, so a resumed run samples its chunks as a fresh run would
-            seed = None if entry.sampling.temperature == 0 else entry.sampling.seed + chunk[0]
+            # the seed depends on where the chunk starts, so a resumed run samples its chunks as a fresh run would;
+            # engines give prompt i of a call seeds seed + i*n .. seed + i*n + n-1, so a chunk starting at row r
+            # starts at seed + r*n and no two prompts of the task share a seed
+            seed = None if entry.sampling.temperature == 0 else entry.sampling.seed + chunk[0] * entry.sampling.n
             sampling = _fit_context(engine, tokenizer, prompts, _with_seed(base, seed), entry.name)
             if sampling.max_new_tokens < base.max_new_tokens:
                 capped += len(chunk)
@@ -249,11 +251,13 @@ def _clean_dict(d: dict[str, Any]) -> dict[str, Any]:
 
 def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: SamplingParams,
                  name: str) -> SamplingParams:
-    """Cut max_new_tokens so the longest prompt of the chunk still fits the model's context (a small
-    model's 1-2k context cannot hold a long prompt plus 512 new tokens); counted in the run info."""
-    model = getattr(engine, "model", None)
-    limit = getattr(engine, "max_context", None) or getattr(getattr(model, "config", None),
-                                                            "max_position_embeddings", None)
+    """Cut max_new_tokens so the longest prompt of the chunk still fits the engine's context (a small model's
+    1-2k context cannot hold a long prompt plus 512 new tokens); counted in the run info. The context is the
+    engine's `context_length` (the HF model's max_position_embeddings, vLLM's max_model_len), so every backend
+    gets the same cut instead of vLLM aborting the suite mid-run."""
+    limit = getattr(engine, "context_length", None)
+    if limit is None:  # an engine without the attribute: fall back to its model's config
+        limit = getattr(getattr(getattr(engine, "model", None), "config", None), "max_position_embeddings", None)
     if not limit or tokenizer is None:
         return sampling
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)

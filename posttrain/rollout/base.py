@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass
@@ -67,3 +68,31 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[GenerationOutput]:
         """Generate `sampling.n` completions for each (already chat-formatted) prompt, in prompt order."""
         ...
+
+
+def check_prompt_ids(prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams, context: int | None,
+                     context_name: str = "context") -> None:
+    """Reject, before anything is generated, prompts an engine would refuse or silently truncate, naming the
+    prompt: an empty one, or one that leaves less than `sampling.max_new_tokens` of `context` tokens. Every
+    backend calls this, so the same bad prompt gets the same error whichever engine runs."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if context is not None and len(ids) + sampling.max_new_tokens > context:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} the {context_name} "
+                f"({context} tokens) allows at most {context - sampling.max_new_tokens}")
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and all of the model's generation-config EOS ids (chat
+    models often list several, e.g. <|im_end|> and <|endoftext|>), as vLLM stops on them too."""
+    ids: list[int] = []
+    sources = [getattr(tokenizer, "eos_token_id", None)]
+    config = getattr(model, "generation_config", None)
+    sources.append(getattr(config, "eos_token_id", None))
+    for value in sources:
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from posttrain.algos.entropy import token_entropy
-from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams
+from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids, eos_token_ids
+
+
+@contextmanager
+def seeded_rng(seed: int | None) -> Iterator[None]:
+    """Seed torch for a block and restore every generator afterwards (no-op for seed None). manual_seed seeds all
+    devices, so the accelerator's RNG is forked too: otherwise a seeded evaluation during training would reset
+    the trainer's CUDA generator (dropout, sampling) to the same state at every evaluation."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class HFEngine:
@@ -32,9 +47,10 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _context_limit(self, sampling: SamplingParams) -> int | None:
-        limit = self.max_context or getattr(self.model.config, "max_position_embeddings", None)
-        return None if limit is None else limit - sampling.max_new_tokens
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (prompt + completion): `max_context`, else max_position_embeddings."""
+        return self.max_context or getattr(self.model.config, "max_position_embeddings", None)
 
     def _generate_kwargs(self, sampling: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -43,7 +59,7 @@ class HFEngine:
             "return_dict_in_generate": True,
             "output_logits": sampling.logprobs or sampling.entropies,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": eos_token_ids(self.tokenizer, self.model),
             "repetition_penalty": sampling.repetition_penalty,
         }
         if sampling.greedy:
@@ -71,20 +87,12 @@ class HFEngine:
         encoded = [list(map(int, ids)) for ids in prompt_ids]
         if prompts is None:
             prompts = [self.tokenizer.decode(ids) for ids in encoded]
-        limit = self._context_limit(sampling)
-        if limit is not None:
-            for i, ids in enumerate(encoded):
-                if len(ids) > limit:
-                    raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens="
-                                     f"{sampling.max_new_tokens} the model's context allows at most {limit}")
+        check_prompt_ids(encoded, sampling, self.context_length, "model's context")
         was_training = self.model.training
         self.model.eval()
         outputs: list[GenerationOutput] = []
-        rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else nullcontext()
         try:
-            with rng:
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
+            with seeded_rng(sampling.seed):
                 starts = range(0, len(prompts), self.batch_size)
                 for start in tqdm(starts, desc="generate", disable=not self.progress or len(starts) < 2):
                     chunk = encoded[start : start + self.batch_size]
@@ -109,8 +117,7 @@ class HFEngine:
                 logprobs = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
             if sampling.entropies:
                 entropies = token_entropy(logits, temperature)
-        eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        eos_ids = set(eos_token_ids(self.tokenizer, self.model))
         results = []
         for i, prompt in enumerate(prompts):
             result = GenerationOutput(prompt=prompt, prompt_token_ids=encoded[i])

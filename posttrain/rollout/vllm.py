@@ -19,11 +19,11 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams
+from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,36 @@ def topk_entropy(top: Mapping[int, tuple[float, int]], k: int, vocab_size: int) 
 
 # --- helpers shared by both backends --------------------------------------------------------------------
 
-def _check_prompts(prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams, max_model_len: int | None) -> None:
-    """Reject, before anything is queued, prompts vLLM would refuse or truncate (naming the prompt)."""
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty (0 tokens)")
-        if max_model_len is not None and len(ids) + sampling.max_new_tokens > max_model_len:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} the engine's "
-                f"context (max_model_len={max_model_len}) allows at most {max_model_len - sampling.max_new_tokens}")
+# vLLM SamplingParams fields the engine sets from posttrain's SamplingParams (or needs as it sets them): extra
+# generation kwargs may not override them, or the engine's outputs (seeds, log-probs, token ids) would change meaning.
+OWNED_SAMPLING_FIELDS: dict[str, str] = {
+    "n": "SamplingParams.n (rollout.num_generations in a recipe)",
+    "temperature": "SamplingParams.temperature (rollout.temperature)",
+    "top_p": "SamplingParams.top_p (rollout.top_p)",
+    "top_k": "SamplingParams.top_k (rollout.top_k)",
+    "min_p": "SamplingParams.min_p (rollout.min_p)",
+    "repetition_penalty": "SamplingParams.repetition_penalty (rollout.repetition_penalty)",
+    "max_tokens": "SamplingParams.max_new_tokens (rollout.max_new_tokens)",
+    "seed": "SamplingParams.seed (the recipe's seed)",
+    "logprobs": "SamplingParams.logprobs / entropies",
+    "prompt_logprobs": "nothing: the engine never returns prompt log-probabilities",
+}
+_NEEDS_TEXT = ("stop", "include_stop_str_in_output")  # stop strings are matched on detokenized text
+
+
+def _merge_extra(params: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The engine's vLLM sampling fields plus `extra` (e.g. TRL's `generation_kwargs`: stop strings, ...); a key the
+    engine owns is refused with the setting to change instead; stop strings switch detokenisation on."""
+    if not extra:
+        return params
+    owned = sorted(set(extra) & set(OWNED_SAMPLING_FIELDS))
+    if owned:
+        raise ValueError("generation_kwargs may not set " + "; ".join(
+            f"{k!r} (set {OWNED_SAMPLING_FIELDS[k]} instead)" for k in owned))
+    merged = {**params, **extra}
+    if any(merged.get(k) for k in _NEEDS_TEXT):
+        merged["detokenize"] = True
+    return merged
 
 
 def _prompt_seeds(sampling: SamplingParams, count: int) -> list[int | None]:
@@ -163,8 +184,15 @@ class _TextPrompts:
         """The prompts as int lists and the sampling (default if None), both checked against the context."""
         sampling = sampling or SamplingParams()
         prompt_ids = [list(map(int, ids)) for ids in prompt_ids]
-        _check_prompts(prompt_ids, sampling, self.max_model_len)  # type: ignore[attr-defined]
+        check_prompt_ids(prompt_ids, sampling, self.max_model_len,  # type: ignore[attr-defined]
+                         f"engine's context (max_model_len={self.max_model_len})")  # type: ignore[attr-defined]
         return prompt_ids, sampling
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens of prompt plus completion the engine holds (vLLM's max_model_len; None when the server does not
+        say)."""
+        return self.max_model_len  # type: ignore[attr-defined]
 
 
 class VLLMEngine(_Follows, _TextPrompts):
@@ -267,11 +295,13 @@ class VLLMEngine(_Follows, _TextPrompts):
         from vllm import SamplingParams as VLLMSamplingParams
 
         k = _num_logprobs(sampling, self.entropy_top_k)
-        params = [VLLMSamplingParams(
+        fields = [_merge_extra(dict(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
             min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=k, detokenize=False, **(extra or {}),
-        ) for seed in _prompt_seeds(sampling, len(prompt_ids))]
+            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=k, detokenize=False), extra)
+            for seed in _prompt_seeds(sampling, len(prompt_ids))]
+        params = [VLLMSamplingParams(**f) for f in fields]
+        own_text = fields[0]["detokenize"]  # stop strings: vLLM's text ends before the stop string, the ids do not
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False,
                                  lora_request=self._lora_request)
         results = []
@@ -284,7 +314,7 @@ class VLLMEngine(_Follows, _TextPrompts):
                     {t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in c.logprobs]
                 result.completions.append(Completion(
                     token_ids=ids,
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    text=c.text if own_text else self.tokenizer.decode(ids, skip_special_tokens=True),
                     finish_reason=_finish(c.finish_reason),
                     logprobs=None if tops is None or not sampling.logprobs else [s[t][0] for s, t in zip(tops, ids)],
                     entropies=None if tops is None or not sampling.entropies else
@@ -391,7 +421,14 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         self.base_url = base_url.rstrip("/")
         self.tokenizer, self.timeout, self.entropy_top_k = tokenizer, timeout, entropy_top_k
         self.session = requests.Session()
-        card = self._models()[0] if model_name is None else next(m for m in self._models() if m["id"] == model_name)
+        served = self._models()
+        if not served:
+            raise RuntimeError(f"the vLLM server at {self.base_url} serves no model")
+        cards = [m for m in served if model_name is None or m["id"] == model_name]
+        if not cards:
+            raise ValueError(f"the vLLM server at {self.base_url} does not serve {model_name!r}; it serves "
+                             f"{', '.join(repr(m['id']) for m in served)}")
+        card = cards[0]
         self.model_name: str = card["id"]
         self.max_model_len: int | None = card.get("max_model_len")
         self.vocab_size = len(tokenizer)
@@ -399,6 +436,11 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         self.weight_sync_url, self.group_port = weight_sync_url or self.base_url, group_port
         self._served = self.model_name
         self._lora_version = 0
+        # the server caches adapters by name for as long as it runs: a name unique to this engine keeps a restarted
+        # (resumed) trainer from being served the adapter an earlier run loaded under the same version number
+        import uuid
+
+        self._run_tag = uuid.uuid4().hex[:8]
         self._client: Any = None
 
     def _models(self) -> list[dict[str, Any]]:
@@ -419,10 +461,11 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         prompt_ids, sampling = self._checked(prompt_ids, sampling)
         self.sync_if_stale()
         k = _num_logprobs(sampling, self.entropy_top_k)
-        body = {"model": self._served, "n": sampling.n, "temperature": sampling.temperature,
-                "top_p": sampling.top_p, "top_k": sampling.top_k or 0, "min_p": sampling.min_p or 0.0,
-                "repetition_penalty": sampling.repetition_penalty, "max_tokens": sampling.max_new_tokens,
-                "logprobs": k, "return_tokens_as_token_ids": True, "return_token_ids": True, **(extra or {})}
+        body = _merge_extra({"model": self._served, "n": sampling.n, "temperature": sampling.temperature,
+                             "top_p": sampling.top_p, "top_k": sampling.top_k or 0, "min_p": sampling.min_p or 0.0,
+                             "repetition_penalty": sampling.repetition_penalty, "max_tokens": sampling.max_new_tokens,
+                             "logprobs": k, "return_tokens_as_token_ids": True, "return_token_ids": True}, extra)
+        own_text = bool(body.pop("detokenize", False))  # stop strings: the server's text ends before them
         seeds = _prompt_seeds(sampling, len(prompt_ids))
         if sampling.seed is None:  # one batched request
             choices = self._post("/v1/completions", {**body, "prompt": prompt_ids})["choices"]
@@ -441,7 +484,7 @@ class VLLMServerEngine(_Follows, _TextPrompts):
                         for step in c["logprobs"]["top_logprobs"]]
             lps = None if k is None else [float("nan") if x is None else x for x in c["logprobs"]["token_logprobs"]]
             results[c["index"] // sampling.n].completions.append(Completion(
-                token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                token_ids=ids, text=c["text"] if own_text else self.tokenizer.decode(ids, skip_special_tokens=True),
                 finish_reason=_finish(c.get("finish_reason")),
                 logprobs=lps if sampling.logprobs else None,
                 entropies=None if tops is None or not sampling.entropies else
@@ -462,7 +505,7 @@ class VLLMServerEngine(_Follows, _TextPrompts):
             self.adapter_dir = tempfile.mkdtemp(prefix="posttrain-lora-")
         path = _save_adapter(model, Path(self.adapter_dir))
         self._lora_version += 1
-        name = f"policy-{self._lora_version}"  # a fresh name: the server caches adapters by name
+        name = f"policy-{self._run_tag}-{self._lora_version}"  # fresh for this run and this sync
         r = self.session.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                               timeout=self.timeout)
         if r.status_code == 404:
@@ -504,6 +547,20 @@ def _ranked(top: dict[int, float]) -> dict[int, tuple[float, int]]:
 
 # --- TRL integration ------------------------------------------------------------------------------------
 
+class _ContextOnly:
+    """What TRL reads of `vllm_generation.llm` with a server engine (no in-process `LLM`): the context length, as
+    `llm_engine.model_config.max_model_len` (the server's, else the trainer model's max_position_embeddings)."""
+
+    def __init__(self, engine: Any, trainer: Any):
+        from types import SimpleNamespace
+
+        length = getattr(engine, "context_length", None)
+        if length is None:
+            config = trainer.accelerator.unwrap_model(trainer.model).config
+            length = config.get_text_config().max_position_embeddings
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=int(length)))
+
+
 class TRLGeneration:
     """TRL's `trainer.vllm_generation` duck interface over a posttrain vLLM engine.
 
@@ -516,7 +573,8 @@ class TRLGeneration:
 
     def __init__(self, engine: Any, trainer: Any):
         self.engine, self.trainer = engine, trainer
-        self.llm = getattr(engine, "llm", None)  # TRL's multi-turn tool loop reads llm.llm_engine.model_config
+        # TRL's multi-turn tool loop (tools, environment_factory) reads llm.llm_engine.model_config.max_model_len
+        self.llm = getattr(engine, "llm", None) or _ContextOnly(engine, trainer)
         engine.follow(lambda: trainer.accelerator.unwrap_model(trainer.model), lambda: trainer.state.global_step)
 
     def sync_weights(self) -> None:

@@ -1,18 +1,25 @@
 """GRPO trainers. `GRPOTrainer` is TRL's GRPOTrainer plus entropy-collapse tracking; the entropy-control
-methods (STEER, EPO, DCPO, BNPO) subclass it.
+methods (STEER, EPO, DCPO, BNPO, and QAE / Clip-Cov as components) subclass it.
 
 What the base adds, each at the narrowest TRL hook and always through super():
 - token-entropy statistics of every training micro-batch (`entropy/mean`, `entropy/p50`, `entropy/p95`,
-  `entropy/top20_mean`), from the entropies TRL already computes in `_compute_loss` (no extra forward);
+  `entropy/top20_mean`), from the entropies TRL already computes in `_compute_loss` (no extra forward), and the
+  per-turn entropy of multi-turn rollouts (`turn_entropy/<j>`);
 - group statistics of every generation batch (`groups/frac_all_correct`, `groups/frac_all_wrong`,
-  `groups/unique_answers`), from the gathered rewards of `_calculate_rewards`;
+  `groups/unique_answers`), from the gathered rewards of `_calculate_rewards`, with the one notion of a correct
+  completion (`correct_reward` above `correct_threshold`) that every component uses;
+- `rollout/logprob_gap_mean` / `_max`: how far the rollout engine's sampled-token log-probs are from the
+  trainer's own (when the engine returns them), with a warning above `rollout_logprob_gap_warning`, so a stale
+  weight sync or an adapter that never reached the engine shows at the first step;
 - checkpointing of cross-step method state (`posttrain.trainers.state`).
 All statistics are computed over the global batch (every process), so they do not depend on world size.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +27,22 @@ from typing import Any
 import torch
 import trl
 from accelerate.utils import gather_object
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from posttrain.algos import ADVANTAGES, ENTROPY_TERMS, TOKEN_WEIGHTS, EntropyContext, TokenContext
+from posttrain.algos.advantages import decomposed_advantages
 from posttrain.algos.entropy import entropy_summary, masked_flatten
-from posttrain.algos.groups import group_outcome_fractions, mean_unique_per_group
+from posttrain.algos.entropy_terms import per_turn_sums, turn_ids_from_env_mask
+from posttrain.algos.groups import correct_mask, group_outcome_fractions, mean_unique_per_group
 from posttrain.rewards import completion_text
-from posttrain.trainers.state import Stateful, load_states, save_states
+from posttrain.trainers.state import MethodStateMixin, Stateful
+
+logger = logging.getLogger(__name__)
+
+LOGGED_TURNS = 8  # per-turn entropy is logged for the first turns of multi-turn rollouts
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
 
 
 @dataclass
@@ -34,15 +51,21 @@ class GRPOConfig(trl.GRPOConfig):
 
     correct_reward: str = field(
         default="accuracy",
-        metadata={"help": "Name of the reward function whose value decides whether a completion is correct "
-                  "(for the group statistics). If no reward function has this name, the weighted total is used."},
+        metadata=_help("Name of the reward function whose value decides whether a completion is correct, for the "
+                       "group statistics and every component that needs it (DCPO's y). If no reward function has "
+                       "this name, the weighted total is used."),
     )
     correct_threshold: float = field(
-        default=0.5, metadata={"help": "A completion is correct when that reward is above this value."}
+        default=0.5, metadata=_help("A completion is correct when that reward is above this value.")
+    )
+    rollout_logprob_gap_warning: float | None = field(
+        default=0.05,
+        metadata=_help("Warn (once) when the mean |log p| gap between the rollout engine's sampled-token log-probs "
+                       "and the trainer's exceeds this (a stale weight sync); null: never warn."),
     )
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
     """TRL's GRPOTrainer with entropy and group tracking and checkpointed method state.
 
     Extra arguments: `answer_extractor(text) -> answer | None`, the task's final-answer extractor used for
@@ -59,6 +82,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.answer_extractor = answer_extractor
         self.method_states: dict[str, Stateful] = {}
         self._entropy_stash: torch.Tensor | None = None
+        self._gathered_rewards: torch.Tensor | None = None  # [B_global, K] of the current generation batch
+        self._correct: torch.Tensor | None = None  # [B_global] bool, the one notion of correct
+        self._warned_gap = False
         self.rollout_engine = rollout_engine
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if rollout_engine is not None and getattr(config, "use_vllm", False):
@@ -71,6 +97,40 @@ class GRPOTrainer(trl.GRPOTrainer):
             # args.use_vllm only in __init__ (where it would build its own LLM); afterwards it reads these.
             self.use_vllm, self.vllm_mode, self._last_loaded_step = True, "colocate", -1
             self.vllm_generation = TRLGeneration(rollout_engine, self)
+
+    # --- rollout engine drift -----------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        sampled, own = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
+        if sampled is not None and own is not None:
+            self._log_logprob_gap(own, sampled, output)
+        return output
+
+    def _log_logprob_gap(self, own: torch.Tensor, sampled: torch.Tensor, output: dict[str, Any]) -> None:
+        """`rollout/logprob_gap_mean|max` over the global batch's valid tokens (NaN: tokens the engine did not
+        score), and one warning per run when the mean exceeds `rollout_logprob_gap_warning`."""
+        mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+        gap = (own - sampled).abs()
+        valid = mask.bool() & ~torch.isnan(gap)
+        local = torch.stack([gap[valid].sum(), valid.sum().to(gap.dtype),
+                             gap[valid].max() if valid.any() else gap.new_zeros(())])
+        everything = self.accelerator.gather(local.unsqueeze(0)).view(-1, 3)
+        count = everything[:, 1].sum().item()
+        if count == 0:
+            return
+        mean, largest = everything[:, 0].sum().item() / count, everything[:, 2].max().item()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollout/logprob_gap_mean"].append(mean)
+        self._metrics[mode]["rollout/logprob_gap_max"].append(largest)
+        limit = self.args.rollout_logprob_gap_warning
+        if limit is not None and mean > limit and not self._warned_gap:
+            self._warned_gap = True
+            message = (f"the rollout engine's sampled-token log-probs differ from the trainer's by {mean:.3g} nats per "
+                       f"token on average (max {largest:.3g}; warning above {limit:g}): the engine may be generating "
+                       "with stale weights (a weight sync that did not happen, or a LoRA adapter that never "
+                       "reached it)")
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     # --- entropy statistics -------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
@@ -85,9 +145,19 @@ class GRPOTrainer(trl.GRPOTrainer):
             mask = inputs["completion_mask"]
             if "tool_mask" in inputs:
                 mask = mask * inputs["tool_mask"]
+                self._log_turn_entropy(self._entropy_stash, mask, inputs["tool_mask"])
             self._log_entropy_stats(self._entropy_stash, mask)
             self._entropy_stash = None
         return loss
+
+    def _log_turn_entropy(self, entropies: torch.Tensor, mask: torch.Tensor, env_mask: torch.Tensor) -> None:
+        """`turn_entropy/<j>`: mean over trajectories of turn j's token-mean entropy, for the first turns."""
+        sums, counts = per_turn_sums(entropies, mask, turn_ids_from_env_mask(env_mask), LOGGED_TURNS)
+        totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+        mode = "train" if self.model.training else "eval"
+        for j in range(LOGGED_TURNS):
+            if totals[1, j] > 0:
+                self._metrics[mode][f"turn_entropy/{j}"].append((totals[0, j] / totals[1, j]).item())
 
     def _log_entropy_stats(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
         local = masked_flatten(entropies, mask)
@@ -101,95 +171,64 @@ class GRPOTrainer(trl.GRPOTrainer):
     # --- group statistics ---------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gathered_rewards = rewards_per_func  # [B_global, K], already gathered over processes by TRL
+        self._correct = correct_mask(rewards_per_func, self.reward_func_names, self.reward_weights,
+                                     self.args.correct_reward, self.args.correct_threshold)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         if rewards_per_func.size(0) % group_size == 0:
-            self._log_group_stats(rewards_per_func, completions, group_size, mode)
+            self._log_group_stats(self._correct, completions, group_size, mode)
         return rewards_per_func
 
-    def _log_group_stats(self, rewards_per_func: torch.Tensor, completions: list, group_size: int, mode: str) -> None:
-        if self.args.correct_reward in self.reward_func_names:
-            score = rewards_per_func[:, self.reward_func_names.index(self.args.correct_reward)]
-        else:
-            score = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-        correct = torch.nan_to_num(score, nan=0.0) > self.args.correct_threshold
+    def _log_group_stats(self, correct: torch.Tensor, completions: list, group_size: int, mode: str) -> None:
         for key, value in group_outcome_fractions(correct, group_size).items():
             self._metrics[mode][f"groups/{key}"].append(value)
         texts = gather_object([completion_text(c) for c in completions])
         answers = [self.answer_extractor(t) for t in texts]
         self._metrics[mode]["groups/unique_answers"].append(mean_unique_per_group(answers, group_size))
 
-    # --- method state in checkpoints ----------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.method_states and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_states(self.method_states, folder)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.method_states:
-            load_states(self.method_states, checkpoint)
-
 
 # =========================================================================================================
 # Entropy-control methods: STEER, EPO, DCPO, BNPO (and QAE, Clip-Cov) as registry components.
 #
-# One trainer class carries the three hooks; a recipe picks one component of each kind by name
-# (`advantage`, `token_weight`, `entropy_term`), so e.g. BNPO advantages with STEER weights is
-# `method: bnpo` + `trainer: {token_weight: steer}`. The method classes below only change defaults.
+# One trainer class carries the hooks; a recipe picks one component of each kind by name (`advantage`,
+# `token_weight`, `entropy_term`), so e.g. BNPO advantages with STEER weights is `method: bnpo` +
+# `trainer: {token_weight: steer}`. The method classes below only change defaults. The trainer never names a
+# component: each registry entry declares how its arguments are read from this config, what costly inputs it
+# needs, its diagnostics, its cross-step state and the signal that updates it (posttrain.algos.registry).
 #
 # Where each component plugs into TRL 1.16 (always through super(), no copied TRL body):
 # - advantages: `_generate_and_score_completions` runs as TRL's; TRL's own advantages are then replaced by
 #   the registry's, computed from the gathered rewards that `_calculate_rewards` stashed (batch-wide by
 #   construction), sliced to this process exactly as TRL slices them.
+# - the sampling ("old") policy's entropies and tempered log-probs (STEER's H_old, DCPO's rho): when a
+#   generation batch spans several optimizer steps (num_iterations > 1, or steps_per_generation >
+#   gradient_accumulation_steps) TRL runs an old-policy forward inside `_generate_and_score_completions`; that
+#   forward also yields them (entropy from the same fused kernel, tempered log-probs from its kept hidden
+#   states), and they travel with the batch. Otherwise the loss forward's policy IS the sampling policy, and
+#   they come from the loss forward.
 # - token weights: TRL's `_compute_loss` reads `inputs["advantages"]` AFTER its one forward pass. We wrap
 #   `_get_per_token_logps_and_entropies`: when the loss forward returns, the current log-probs and entropies
 #   are at hand, and the [B, T] per-token advantages are written into (a shallow copy of) the micro-batch
-#   before TRL reads them. No second forward. DCPO's second-temperature log-probs come from the same
-#   forward: a hook keeps the backbone's last hidden states and only the LM-head projection is redone.
+#   before TRL reads them. No second forward.
 # - entropy terms: added to the loss `_compute_loss` returns, differentiable through the same entropies.
 # =========================================================================================================
 
-from posttrain.algos import ADVANTAGES, ENTROPY_TERMS, TOKEN_WEIGHTS  # noqa: E402
-from posttrain.algos.advantages import BNPOArgs, GRPOArgs, QAEArgs  # noqa: E402
-from posttrain.algos.entropy_terms import (  # noqa: E402
-    ClipCovArgs,
-    DCPOState,
-    EntropyContext,
-    EPOArgs,
-    EPOState,
-    per_turn_sums,
-    turn_ids_from_env_mask,
-)
-from posttrain.algos.token_weights import (  # noqa: E402
-    DCPOArgs,
-    STEERArgs,
-    TokenContext,
-    dcpo_alpha,
-    dcpo_correct,
-    dcpo_entropy_signal,
-    dcpo_temperature,
-    sampled_token_logprobs,
-    steer_omega,
-)
-
-REWARDS_KEY = "posttrain_rewards"  # local [B] total reward (NaN: unscorable), for token weights that need y_i
-P_HAT_KEY = "posttrain_p_hat"  # 0-d: fraction correct over the global generation batch (DCPO)
-LOGGED_TURNS = 8  # per-turn entropy is logged for the first turns of multi-turn rollouts
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+REWARDS_KEY = "posttrain_rewards"  # local [B] total reward (NaN: unscorable)
+CORRECT_KEY = "posttrain_correct"  # local [B] float: 1 where the completion is correct (the one notion)
+P_HAT_KEY = "posttrain_p_hat"  # 0-d: fraction correct over the global generation batch
+ROW_KEY = "posttrain_row"  # local [B]: the row's index in the global generation batch (completions table)
+OLD_ENTROPY_KEY = "posttrain_old_entropy"  # [B, T] sampling-policy entropies, when TRL ran its old forward
+TEMPERED_PREFIX = "posttrain_old_logp@"  # + temperature factor: [B, T] sampling-policy log-probs at tau * T
+TRAINED_ADVANTAGE_COLUMN = "advantage_trained (token mean)"  # completions-table column of what was trained on
 
 
 @dataclass
 class EntropyControlConfig(GRPOConfig):
     """GRPOConfig plus the entropy-control components (chosen by registry name) and every component's knobs.
 
-    All knobs live here so any advantage composes with any token weight and entropy term from a recipe.
-    Defaults are ALGORITHMS.md's.
+    All knobs live here so any advantage composes with any token weight and entropy term from a recipe; each
+    registry entry maps its argument dataclass to these fields. Defaults are ALGORITHMS.md's.
     """
 
     advantage: str = field(
@@ -197,7 +236,8 @@ class EntropyControlConfig(GRPOConfig):
     )
     advantage_decompose: bool = field(
         default=False,
-        metadata=_help("Compute one advantage per reward function and average them (BNPO's decomposition)."),
+        metadata=_help("Compute one advantage per reward function and take their mean weighted by reward_weights "
+                       "(BNPO's decomposition; a function that did not score a completion is left out of its mean)."),
     )
     token_weight: str = field(
         default="none",
@@ -211,6 +251,10 @@ class EntropyControlConfig(GRPOConfig):
     bnpo_reward_max: float = field(default=1.0, metadata=_help("BNPO: reward mapped to 1."))
     bnpo_fixed_alpha: float | None = field(default=None, metadata=_help("BNPO: fixed alpha instead of the batch fit."))
     bnpo_fixed_beta: float | None = field(default=None, metadata=_help("BNPO: fixed beta instead of the batch fit."))
+    bnpo_out_of_range: str = field(
+        default="warn",
+        metadata=_help("BNPO: rewards outside [bnpo_reward_min, bnpo_reward_max] (clipped): warn (once) or raise."),
+    )
     # QAE
     qae_quantile: float = field(default=0.4, metadata=_help("QAE: group quantile K used as the baseline."))
     # STEER
@@ -229,9 +273,6 @@ class EntropyControlConfig(GRPOConfig):
     dcpo_t_high: float = field(default=1.2, metadata=_help("DCPO: temperature when H_prev <= H0."))
     dcpo_t_low: float = field(default=0.8, metadata=_help("DCPO: temperature when H_prev > H0."))
     dcpo_cap: float = field(default=0.1, metadata=_help("DCPO: cap on |H0 - H_prev| (0 = plain GRPO)."))
-    dcpo_threshold: float = field(
-        default=0.05, metadata=_help("DCPO: a completion is correct when its reward exceeds this.")
-    )
     dcpo_entropy_signal: str = field(
         default="nll",
         metadata=_help("DCPO: H_prev is the mean sampled-token NLL (nll, reference) or token entropy (entropy)."),
@@ -248,110 +289,123 @@ class EntropyControlConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for registry, name in ((ADVANTAGES, self.advantage), (TOKEN_WEIGHTS, self.token_weight),
-                               (ENTROPY_TERMS, self.entropy_term)):
-            registry.get(name)  # unknown names fail here, with close matches
         if self.advantage_decompose is False and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("the entropy-control trainers need multi_objective_aggregation='sum_then_normalize' "
                              "(or advantage_decompose=true)")
         for kind in ("advantage", "token_weight", "entropy_term"):
-            self.component_args(kind)  # builds the argument dataclass, which validates the knobs
+            self.component(kind).build_args(self)  # unknown names fail (with close matches); knobs are validated
 
-    def component_args(self, kind: str) -> Any:
-        """The argument dataclass of the chosen component of `kind` (validates the knobs), or None."""
-        eps_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
-        builders: dict[str, Callable[[], Any]] = {
-            "grpo": lambda: GRPOArgs(scale_rewards=self.scale_rewards),
-            "bnpo": lambda: BNPOArgs(self.bnpo_reward_min, self.bnpo_reward_max,
-                                     fixed_alpha=self.bnpo_fixed_alpha, fixed_beta=self.bnpo_fixed_beta),
-            "qae": lambda: QAEArgs(quantile=self.qae_quantile),
-            "steer": lambda: STEERArgs(self.steer_lambda_min, self.steer_form, max_scope=self.steer_max_scope),
-            "clip_cov": lambda: ClipCovArgs(self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, self.epsilon,
-                                            eps_high),
-            "dcpo": lambda: DCPOArgs(self.dcpo_h0, self.dcpo_t_high, self.dcpo_t_low, self.dcpo_cap,
-                                     self.dcpo_threshold, self.dcpo_entropy_signal),
-            "epo": lambda: EPOArgs(self.epo_lambda, self.epo_kappa_l, self.epo_kappa_r, self.epo_alpha, self.epo_gamma,
-                                   self.epo_penalty_level),
-        }
-        name = {"advantage": self.advantage, "token_weight": self.token_weight, "entropy_term": self.entropy_term}[kind]
-        return builders[name]() if name in builders else None
+    def component(self, kind: str) -> Any:
+        """The registry entry chosen for `kind` ("advantage", "token_weight" or "entropy_term")."""
+        registry = {"advantage": ADVANTAGES, "token_weight": TOKEN_WEIGHTS, "entropy_term": ENTROPY_TERMS}[kind]
+        return registry.entry(getattr(self, kind))
 
 
 class EntropyControlTrainer(GRPOTrainer):
     """GRPO with the registry components of `EntropyControlConfig`. See the block comment above for hooks.
 
-    Cross-step state (`self.method_states`, checkpointed): `dcpo` (H_prev) with the dcpo token weight,
-    `epo` (entropy history and step k) with the epo entropy term.
+    Cross-step state (`self.method_states`, checkpointed under the component's name): whatever state class a
+    chosen component declares (DCPO's H_prev, EPO's entropy history and step k).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        config = kwargs.get("args")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)  # GRPOTrainer(model, reward_funcs, args, ...)
         if not isinstance(config, EntropyControlConfig):
             raise TypeError(f"{type(self).__name__} needs an EntropyControlConfig (e.g. STEERConfig), "
                             f"got {type(config).__name__}")
         self._loss_inputs: dict[str, Any] | None = None  # the micro-batch whose loss forward is running
         self._loss_entropies: torch.Tensor | None = None  # entropies of that forward, with gradient
-        self._gathered_rewards: torch.Tensor | None = None
         self._hidden: list[torch.Tensor] = []
         self._capture_hidden = False
+        self._old_capture: dict[str, torch.Tensor] | None = None  # what the generation's old-policy forward gave
         self._window: dict[str, torch.Tensor] = {}  # per-optimizer-step sums for the state updates
+        self._warned: set[str] = set()
         super().__init__(*args, **kwargs)
-        self._adv_fn, self._adv_args = ADVANTAGES.get(config.advantage), config.component_args("advantage")
-        self._tw_fn, self._tw_args = TOKEN_WEIGHTS.get(config.token_weight), config.component_args("token_weight")
-        self._et_fn, self._et_args = ENTROPY_TERMS.get(config.entropy_term), config.component_args("entropy_term")
-        self.dcpo_state = self.epo_state = None
-        if config.token_weight == "dcpo":
-            self.dcpo_state = self.method_states["dcpo"] = DCPOState()
+        self._adv, self._tw, self._et = (config.component(k) for k in ("advantage", "token_weight", "entropy_term"))
+        self._adv_args, self._tw_args, self._et_args = (e.build_args(config) for e in (self._adv, self._tw, self._et))
+        self._needs = frozenset() if self._tw.noop else self._tw.needs
+        self._temperatures: tuple[float, ...] = (
+            self._tw.temperatures(self._tw_args) if "tempered_old_logps" in self._needs else ())
+        self._states: dict[str, Stateful] = {}
+        for entry in (self._tw, self._et):
+            if entry.state is not None and not entry.noop:
+                self._states[entry.name] = self.method_states[entry.name] = entry.state()
+        if self._temperatures:
             self._add_hidden_hook()
-        if config.entropy_term == "epo":
-            self.epo_state = self.method_states["epo"] = EPOState()
 
     @property
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
 
-    def _log_mean(self, values: dict[str, torch.Tensor | float]) -> None:
-        """Log scalars averaged over processes (keys sorted: every rank gathers in the same order)."""
-        if not values:
+    def _log_reduced(self, prefix: str, values: dict[str, Any]) -> None:
+        """Log `<prefix>/<key>` for scalar diagnostics, reduced over processes: keys ending in `_min` / `_max` by
+        min / max, the rest by mean. Keys with a `/` vary between processes and are skipped (sorted keys: every
+        rank gathers in the same order)."""
+        keys = sorted(k for k in values if "/" not in k)
+        if not keys:
             return
-        keys = sorted(values)
         local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()).to(self.accelerator.device)
                              for k in keys])
-        gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(keys)).mean(0).tolist()
-        for k, v in zip(keys, gathered):
-            self._metrics[self._mode][k].append(v)
+        gathered = self.accelerator.gather(local.unsqueeze(0)).view(-1, len(keys))
+        for j, k in enumerate(keys):
+            column = gathered[:, j]
+            value = column.min() if k.endswith("_min") else column.max() if k.endswith("_max") else column.mean()
+            self._metrics[self._mode][f"{prefix}/{k}"].append(value.item())
 
     # --- advantages ---------------------------------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._gathered_rewards = rewards_per_func  # [B_global, K], already gathered over processes by TRL
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._old_capture = {} if self._needs & {"entropy_old", "tempered_old_logps"} else None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            captured, self._old_capture = self._old_capture, None
+        if captured and output.get("old_per_token_logps") is not None:
+            # TRL ran its old-policy forward (the batch spans optimizer steps): what it yielded is the sampling
+            # policy's. Without that forward the capture (if any) was another model's (a PEFT reference) and the
+            # loss forward's policy is the sampling policy anyway.
+            output.update(captured)
         rpf, self._gathered_rewards = self._gathered_rewards, None
+        correct, self._correct = self._correct, None
         group = self.num_generations if self._mode == "train" else self.num_generations_eval
-        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        weights = self.reward_weights.to(rpf.device)
+        rewards = (rpf * weights.unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rpf).all(dim=1)] = torch.nan  # unscorable rows, as TRL marks them
         if self.args.advantage_decompose:
-            advantages = torch.stack([self._adv_fn(rpf[:, j].contiguous(), group, self._adv_args)
-                                      for j in range(rpf.shape[1])], dim=1).mean(dim=1)
+            advantages = decomposed_advantages(self._adv.fn, rpf, group, self._adv_args, weights)
+            columns = [(rpf[:, j].contiguous(), f"/{name}") for j, name in enumerate(self.reward_func_names)]
         else:
-            advantages = self._adv_fn(rewards, group, self._adv_args)
+            advantages = self._adv.fn(rewards, group, self._adv_args)
+            columns = [(rewards, "")]
+        for values, suffix in columns:  # per reward function when decomposing: the fits actually used
+            self._check_rewards(values)
+            if self._adv.diagnostics is not None:  # e.g. BNPO's alpha, beta
+                for key, value in self._adv.diagnostics(values, group, self._adv_args).items():
+                    self._metrics[self._mode][f"{self._adv.name}/{key}{suffix}"].append(value)
         n_local = output["completion_ids"].size(0)
-        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        start = self.accelerator.process_index * n_local
+        local = slice(start, start + n_local)
+        device = output["advantages"].device
         output["advantages"] = advantages[local].to(output["advantages"].dtype)
         output[REWARDS_KEY] = rewards[local]
+        output[CORRECT_KEY] = correct[local].to(device=device, dtype=torch.float32)
+        output[P_HAT_KEY] = correct.float().mean().to(device) if correct.numel() else torch.zeros((), device=device)
+        output[ROW_KEY] = torch.arange(start, start + n_local, device=device)
         for _ in range(min(len(advantages), len(self._logs["advantages"]))):  # the completions table shows ours
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.tolist())
-        if (diagnostics := ADVANTAGES.diagnostics(self.args.advantage)) is not None:  # e.g. BNPO's alpha, beta
-            for key, value in diagnostics(rewards, group, self._adv_args).items():
-                self._metrics[self._mode][f"{self.args.advantage}/{key}"].append(value)
-        if self.dcpo_state is not None:
-            p_hat = dcpo_correct(rewards, self._tw_args).mean().item() if rewards.numel() else 0.0
-            output[P_HAT_KEY] = torch.tensor(p_hat, device=output["advantages"].device)
+        if not self._tw.noop:  # filled at the loss with what each row is trained on
+            self._logs["extra"][TRAINED_ADVANTAGE_COLUMN].extend([math.nan] * len(advantages))
         return output
+
+    def _check_rewards(self, rewards: torch.Tensor) -> None:
+        """The advantage's declared check (e.g. BNPO's reward range): warn once per run, or let it raise."""
+        if self._adv.check is None:
+            return
+        problem = self._adv.check(rewards, self.num_generations, self._adv_args)
+        if problem and self._adv.name not in self._warned:
+            self._warned.add(self._adv.name)
+            logger.warning(problem)
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
 
     # --- token weights: inside the loss forward ------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -369,17 +423,43 @@ class EntropyControlTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         inputs = self._loss_inputs
         in_loss = inputs is not None and kwargs.get("compute_entropy", False)
-        self._hidden, self._capture_hidden = [], in_loss and self.dcpo_state is not None
+        capturing_old = (not in_loss and self._old_capture is not None and not self._old_capture
+                         and model is self.model)  # the generation's first policy forward (see block comment)
+        if not (in_loss or capturing_old):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        tempered_in_batch = in_loss and any(k.startswith(TEMPERED_PREFIX) for k in inputs)
+        self._hidden, self._capture_hidden = [], bool(self._temperatures) and not tempered_in_batch
+        asked_entropy = kwargs.get("compute_entropy", False)
+        if capturing_old and "entropy_old" in self._needs:
+            kwargs["compute_entropy"] = True  # the fused kernel computes it anyway; we keep it
         try:
             logps, entropies, aux = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         finally:
             self._capture_hidden = False
-        if in_loss and entropies is not None:
-            self._loss_entropies = entropies
-            inputs["advantages"] = self._token_advantages(inputs, logps, entropies, input_ids, logits_to_keep)
+        if capturing_old:
+            # non-empty from now on, so later forwards of this generation (a PEFT reference) are not captured
+            self._old_capture.update(self._old_policy_stats(entropies, input_ids, logits_to_keep))
             self._hidden = []
+            return logps, (entropies if asked_entropy else None), aux
+        if entropies is not None:
+            if not self._et.noop:
+                self._loss_entropies = entropies
+            if not self._tw.noop:
+                inputs["advantages"] = self._token_advantages(inputs, logps, entropies, input_ids, logits_to_keep)
+        self._hidden = []
         return logps, entropies, aux
+
+    def _old_policy_stats(self, entropies, input_ids, logits_to_keep) -> dict[str, torch.Tensor]:
+        """What the components need of the sampling policy, from TRL's old-policy forward (no gradient). Never
+        empty: the capture runs only when a component needs one of these."""
+        stats: dict[str, torch.Tensor] = {}
+        if "entropy_old" in self._needs:
+            stats[OLD_ENTROPY_KEY] = entropies.detach()
+        for t, logp in (self._tempered_logps(input_ids, logits_to_keep) if self._temperatures else {}).items():
+            stats[f"{TEMPERED_PREFIX}{t}"] = logp
+        return stats
 
     def _loss_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
         mask = inputs["completion_mask"]
@@ -390,73 +470,81 @@ class EntropyControlTrainer(GRPOTrainer):
         logp = logps.detach()
         old = inputs.get("old_per_token_logps")
         old = logp if old is None else old
-        ctx = TokenContext(mask=mask, logp=logp, ratio=torch.exp(logp - old), old_logp=old,
-                           entropy_old=entropies.detach(), rewards=inputs.get(REWARDS_KEY))
-        stats: dict[str, torch.Tensor | float] = {}
-        if isinstance(self._tw_args, STEERArgs) and self._tw_args.max_scope == "global":
-            omega = steer_omega(inputs["advantages"], ctx.ratio, logp, ctx.entropy_old, mask)
-            ctx.omega_max = self.accelerator.gather(omega.abs().amax().reshape(1)).max().item()
-        if self.dcpo_state is not None:
-            stats.update(self._dcpo_context(ctx, inputs, logp, entropies, input_ids, logits_to_keep))
-        advantages = self._tw_fn(inputs["advantages"], ctx, self._tw_args)
-        if self.args.token_weight in ("steer", "clip_cov"):  # weights = new / old advantage where A != 0
-            base = (inputs["advantages"].unsqueeze(-1).expand_as(advantages) if inputs["advantages"].dim() == 1
-                    else inputs["advantages"])
-            has = mask.bool() & (base != 0)
-            w = advantages[has] / base[has]
-            big = torch.tensor(float("inf"), device=w.device)
-            stats[f"{self.args.token_weight}/weight_mean"] = (w.mean() if w.numel()
-                                                              else torch.tensor(1.0, device=w.device))
-            wmin = self.accelerator.gather((w.min() if w.numel() else big).reshape(1)).min()
-            self._metrics[self._mode][f"{self.args.token_weight}/weight_min"].append(
-                wmin.item() if torch.isfinite(wmin) else 1.0
-            )
-        self._log_mean(stats)
+        current = entropies.detach()
+        ctx = TokenContext(mask=mask, logp=logp, ratio=torch.exp(logp - old), entropy=current,
+                           rewards=inputs.get(REWARDS_KEY), correct=inputs.get(CORRECT_KEY),
+                           p_hat=float(inputs[P_HAT_KEY]) if P_HAT_KEY in inputs else None,
+                           reduce_max=lambda x: self.accelerator.gather(x.reshape(1)).max())
+        if "entropy_old" in self._needs:  # the sampling policy's: from the batch, else this forward (the same)
+            ctx.entropy_old = inputs.get(OLD_ENTROPY_KEY, current)
+        if self._temperatures:
+            ctx.tempered_old_logps = ({t: inputs[f"{TEMPERED_PREFIX}{t}"] for t in self._temperatures}
+                                      if f"{TEMPERED_PREFIX}1.0" in inputs
+                                      else self._tempered_logps(input_ids, logits_to_keep))
+        state = self._states.get(self._tw.name)
+        for key, value in (state.context() if state is not None else {}).items():
+            setattr(ctx, key, value)
+        advantages = self._tw.fn(inputs["advantages"], ctx, self._tw_args)
+        if self._tw.diagnostics is not None:
+            self._log_reduced(self._tw.name, self._tw.diagnostics(inputs["advantages"], advantages, ctx, self._tw_args))
+        if state is not None and self._mode == "train":
+            self._accumulate(self._tw.name, torch.stack([v.float() for v in self._tw.state_signal(ctx, self._tw_args)]))
+        self._record_trained_advantages(inputs, advantages, mask)
         return advantages
 
-    # --- DCPO: second-temperature log-probs from the same forward ------------------------------------------
-    def _add_hidden_hook(self) -> None:
+    def _record_trained_advantages(self, inputs, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write each row's token-mean trained advantage into the completions table (its own labelled column)."""
+        if ROW_KEY not in inputs:
+            return
+        m = mask.to(advantages.dtype)
+        means = (advantages * m).sum(1) / m.sum(1).clamp(min=1)
+        pairs = torch.stack([inputs[ROW_KEY].to(means.dtype), means.detach()], dim=1)
+        pairs = self.accelerator.pad_across_processes(pairs, dim=0, pad_index=-1)
+        column = self._logs["extra"][TRAINED_ADVANTAGE_COLUMN]
+        batch = len(self._logs["advantages"])
+        for row, value in self.accelerator.gather(pairs).tolist():
+            index = len(column) - batch + int(row)
+            if row >= 0 and 0 <= index < len(column):
+                column[index] = value
+
+    # --- the sampling policy's tempered log-probs from the kept hidden states -------------------------------
+    def _policy(self) -> Any:
         model = self.accelerator.unwrap_model(self.model)
-        model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        text = model.config.get_text_config()
-        if getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None) not in (None, 1, 1.0):
-            raise NotImplementedError("DCPO's tempered log-probs do not support logit soft-capping or logit scaling")
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _add_hidden_hook(self) -> None:
+        model = self._policy()
 
         def keep(module, args, output):
             if self._capture_hidden:
                 self._hidden.append(output.last_hidden_state.detach())
 
         model.base_model.register_forward_hook(keep)
-        self._lm_head = model.get_output_embeddings()
 
     @torch.no_grad()
-    def _tempered_logps(self, input_ids: torch.Tensor, logits_to_keep: int,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """log-probs of the completion tokens at the sampling temperature tau and at tau * T, from the
-        kept hidden states (one LM-head projection per row, no backbone forward)."""
+    def _tempered_logps(self, input_ids: torch.Tensor, logits_to_keep: int) -> dict[float, torch.Tensor]:
+        """Sampled-token log-probs at the sampling temperature tau times each factor of `self._temperatures`,
+        from the hidden states kept during the forward that just ran: one LM-head projection through TRL's own
+        chunked kernel, with the model's logit scaling and soft-capping as TRL applies them (`lm_head_scaling`),
+        the head looked up (and gathered when sharded) on each call."""
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
         hidden = torch.cat(self._hidden, dim=0)[:, -logits_to_keep - 1 : -1]
         ids = input_ids[:, -logits_to_keep:]
-        weight, bias = self._lm_head.weight, self._lm_head.bias
-        plain, tempered = [], []
-        for b in range(hidden.shape[0]):
-            logits = torch.nn.functional.linear(hidden[b].to(weight.dtype), weight, bias).float()
-            plain.append(sampled_token_logprobs(logits, ids[b], self.temperature))
-            tempered.append(sampled_token_logprobs(logits, ids[b], self.temperature * temperature))
-        return torch.stack(plain), torch.stack(tempered)
-
-    def _dcpo_context(self, ctx, inputs, logp, entropies, input_ids, logits_to_keep) -> dict[str, float]:
-        args, state = self._tw_args, self.dcpo_state
-        h_prev = state.h_prev  # this step's value; `_accumulate` may update the state below
-        temperature = dcpo_temperature(h_prev, args)
-        # rho is taken at the policy of this forward: pi_old exactly when num_iterations == 1 (the default).
-        ctx.old_logp, ctx.old_logp_tempered = self._tempered_logps(input_ids, logits_to_keep, temperature)
-        ctx.h_prev = h_prev
-        ctx.p_hat = float(inputs[P_HAT_KEY]) if P_HAT_KEY in inputs else None
-        if self._mode == "train":  # H_prev for the next step: sum and count over the optimizer step's micro-batches
-            total, count = dcpo_entropy_signal(logp, ctx.mask, args, entropies.detach())
-            self._accumulate("dcpo", torch.stack([total.float(), count.float()]))
-        return {"dcpo/temperature": temperature, "dcpo/alpha": dcpo_alpha(h_prev, ctx.p_hat or 0.0, args),
-                "dcpo/h_prev": h_prev, "dcpo/p_hat": ctx.p_hat or 0.0}
+        head = self._policy().get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+            weight, bias = weight.full_tensor(), (bias.full_tensor() if bias is not None else None)
+        scale, softcap = lm_head_scaling(self._policy().config.get_text_config())
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]).to(weight.device), ids.reshape(-1).to(weight.device)
+        out = {}
+        with maybe_gather_lm_head_ctx(weight, bias):
+            for t in self._temperatures:
+                logp = ChunkedLogProbFunction.apply(flat, weight, bias, targets, self.temperature * t, 32768,
+                                                    softcap, scale, ())[0]
+                out[t] = logp.view(ids.shape).float()
+        return out
 
     def _accumulate(self, name: str, stats: torch.Tensor) -> None:
         """Add to the optimizer step's window; at the step boundary, reduce over processes and update the state."""
@@ -464,35 +552,39 @@ class EntropyControlTrainer(GRPOTrainer):
         if not self.accelerator.sync_gradients:
             return
         total, count = self.accelerator.reduce(self._window.pop(name), reduction="sum").tolist()
-        value = total / count if count > 0 else float("nan")
-        self.method_states[name].update(value)
+        self._states[name].update(total / count if count > 0 else float("nan"))
 
     # --- entropy terms: after the loss ---------------------------------------------------------------------
     def _entropy_term(self, inputs: dict[str, Any], entropies: torch.Tensor) -> torch.Tensor:
         mask = self._loss_mask(inputs)
         turn_ids = turn_ids_from_env_mask(inputs["tool_mask"]) if "tool_mask" in inputs else None
-        stats: dict[str, torch.Tensor | float] = {}
-        if turn_ids is not None:
-            sums, counts = per_turn_sums(entropies.detach(), mask, turn_ids, LOGGED_TURNS)
-            totals = self.accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
-            for j in range(LOGGED_TURNS):
-                if totals[1, j] > 0:
-                    self._metrics[self._mode][f"turn_entropy/{j}"].append((totals[0, j] / totals[1, j]).item())
-        state = self.epo_state
-        ctx = EntropyContext(mask=mask, turn_ids=turn_ids, h_bar=state.h_bar if state else None,
-                             step=state.step if state else 0, total_steps=max(self.state.max_steps, 1))
-        term, diagnostics = self._et_fn(entropies, ctx, self._et_args)
-        if state is not None:
-            stats.update({f"epo/{k}": v for k, v in diagnostics.items() if "/" not in k and k != "h_bar"})
-            if state.h_bar is not None:  # identical on every rank (gathered history), so no key mismatch
-                stats["epo/h_bar"] = state.h_bar
-            if self._mode == "train":
-                self._accumulate("epo", torch.stack([diagnostics["entropy_traj"].float(),
-                                                     torch.ones((), device=term.device)]))
-        self._log_mean(stats)
+        ctx = EntropyContext(mask=mask, turn_ids=turn_ids, total_steps=max(self.state.max_steps, 1))
+        state = self._states.get(self._et.name)
+        for key, value in (state.context() if state is not None else {}).items():
+            setattr(ctx, key, value)
+        term, diagnostics = self._et.fn(entropies, ctx, self._et_args)
+        self._log_reduced(self._et.name, diagnostics)
+        if state is not None and self._mode == "train":
+            self._accumulate(self._et.name, torch.stack([v.float() for v in
+                                                         self._et.state_signal(diagnostics, ctx, self._et_args)]))
         accumulation = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
         return term / accumulation
 
+
+def lm_head_scaling(text_config: Any) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) of a model, read exactly as TRL 1.16's fused LM head reads them
+    (`trl.trainer.utils.add_fused_lm_head`): `logit_scale`, else `output_multiplier`, else `lm_head_multiplier`,
+    else 1 / `logits_scaling` (times it for HyperCLOVA X); soft-capping from `final_logit_softcapping`. A test
+    compares the re-projected log-probs with TRL's on models with each setting."""
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
 
 @dataclass
 class STEERConfig(EntropyControlConfig):

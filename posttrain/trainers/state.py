@@ -8,6 +8,7 @@ them on resume, next to TRL's own optimizer, scheduler and RNG state.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,3 +45,26 @@ def load_states(states: dict[str, Stateful], folder: str | Path) -> bool:
     for name, state in states.items():
         state.load_state_dict(saved[name])
     return True
+
+
+class MethodStateMixin:
+    """Mix into any transformers Trainer (before the TRL class): every object in `self.method_states` (name ->
+    Stateful) is written to each checkpoint folder and restored on resume, beside TRL's optimizer, scheduler and
+    RNG state. Method state (EPO's history, DCPO's controller) and callback state (the eval callback's collapse
+    reference) register here."""
+
+    method_states: dict[str, Stateful]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        if self.method_states and self.args.should_save:  # type: ignore[attr-defined]
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial),  # type: ignore[attr-defined]
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")  # type: ignore[attr-defined]
+            save_states(self.method_states, folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        if checkpoint is not None and self.method_states:
+            load_states(self.method_states, checkpoint)

@@ -20,8 +20,9 @@ from posttrain.algos.advantages import (
     bnpo,
     bnpo_advantages,
     bnpo_beta_fit,
-    bnpo_decomposed,
     bnpo_inverse_pdf,
+    bnpo_range_problem,
+    decomposed_advantages,
     grpo,
     nanstd,
     qae,
@@ -203,9 +204,40 @@ def test_bnpo_reward_range_and_decomposition() -> None:
     second = torch.tensor([0.0, 1, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0])
     both = torch.stack([r01, second], dim=1)
     expected = (bnpo(r01, 4, BNPOArgs()) + bnpo(second, 4, BNPOArgs())) / 2
-    torch.testing.assert_close(bnpo_decomposed(both, 4, BNPOArgs()), expected)
+    torch.testing.assert_close(decomposed_advantages(bnpo, both, 4, BNPOArgs()), expected)
     with pytest.raises(ValueError):
         BNPOArgs(reward_min=1.0, reward_max=1.0)
+
+
+def test_decomposition_applies_reward_weights_and_ignores_unscored_columns() -> None:
+    r01 = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    second = torch.tensor([0.0, 1, 1, 1, 0, 1, 0, 1])
+    a1, a2 = bnpo(r01, 4, BNPOArgs()), bnpo(second, 4, BNPOArgs())
+    both = torch.stack([r01, second], dim=1)
+    weighted = decomposed_advantages(bnpo, both, 4, BNPOArgs(), torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(weighted, (3 * a1 + a2) / 4)
+    # a function that returned None (NaN) for the first group: those rows take the other function's advantage
+    holes = both.clone()
+    holes[:4, 1] = float("nan")
+    out = decomposed_advantages(bnpo, holes, 4, BNPOArgs())
+    a2_second_group = bnpo(holes[:, 1].contiguous(), 4, BNPOArgs())
+    torch.testing.assert_close(out[:4], a1[:4])  # not diluted by the missing column's 0
+    torch.testing.assert_close(out[4:], (a1[4:] + a2_second_group[4:]) / 2)
+    nothing = torch.full((4, 2), float("nan"))
+    assert decomposed_advantages(bnpo, nothing, 4, BNPOArgs()).tolist() == [0.0] * 4
+
+
+def test_bnpo_range_problem_warns_or_raises() -> None:
+    in_range = torch.tensor([0.0, 1.0, 0.5, float("nan")])
+    assert bnpo_range_problem(in_range, 4, BNPOArgs()) is None
+    two = torch.tensor([0.0, 2.0, 1.0, 1.5])  # accuracy + format in [0, 2]
+    message = bnpo_range_problem(two, 4, BNPOArgs())
+    assert "rewards in [0, 2]" in message and "[reward_min, reward_max] = [0, 1]" in message
+    assert bnpo_range_problem(two, 4, BNPOArgs(reward_max=2.0)) is None
+    with pytest.raises(ValueError, match=r"rewards in \[-1, 1\]"):
+        bnpo_range_problem(torch.tensor([-1.0, 1.0, 1.0, -1.0]), 4, BNPOArgs(out_of_range="raise"))
+    with pytest.raises(ValueError, match="out_of_range"):
+        BNPOArgs(out_of_range="ignore")
 
 
 # ------------------------------------------------------------------------------------------------ QAE

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.algos.entropy_terms import (
+from posttrain.algos.context import TokenContext
+from posttrain.algos.token_weights import (
     ClipCovArgs,
+    clip_cov,
     clip_cov_mask,
     covariance_scores,
     kl_cov_mask,
     kl_cov_penalty,
     ppo_clipped,
 )
-from posttrain.algos.token_weights import TokenContext, clip_cov
 
 # A = [1, -1] per sequence, log p = [[-1, -2], [-3, -4]], all valid:
 # mean A = 0, mean log p = -2.5 -> cov = [[1 * 1.5, 1 * 0.5], [-1 * -0.5, -1 * -1.5]] = [[1.5, 0.5], [0.5, 1.5]]

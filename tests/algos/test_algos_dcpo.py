@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
-from posttrain.algos.entropy_terms import DCPOState
+from posttrain.algos.state import DCPOState
 from posttrain.algos.token_weights import (
     DCPOArgs,
     TokenContext,
     dcpo,
     dcpo_advantages,
     dcpo_alpha,
-    dcpo_correct,
     dcpo_entropy_signal,
     dcpo_rho,
     dcpo_temperature,
@@ -47,12 +46,6 @@ def test_alpha_hand_computed_and_bounds() -> None:
     for h_prev in [0.0, 5.0, 100.0]:
         for p_hat in [1.0, 1 / 64, 1 / 4096, 1e-7]:
             assert 0.0 <= dcpo_alpha(h_prev, p_hat, args) < 1.0
-
-
-def test_correctness_threshold() -> None:
-    # y = 1[R > 0.05]; NaN (unscorable) -> 0
-    y = dcpo_correct(torch.tensor([0.0, 0.05, 0.06, 1.0, float("nan")]), DCPOArgs())
-    assert y.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_sampled_token_logprobs_matches_log_softmax_and_chunks() -> None:
@@ -136,7 +129,9 @@ def test_dcpo_registry_entry() -> None:
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     old_logp = sampled_token_logprobs(logits, ids)
     old_logp_t = sampled_token_logprobs(logits, ids, dcpo_temperature(0.0, DCPOArgs()))
-    ctx = TokenContext(mask=mask, old_logp=old_logp, old_logp_tempered=old_logp_t, rewards=torch.tensor([1.0, 0, 1, 0]))
+    other = sampled_token_logprobs(logits, ids, 0.8)
+    ctx = TokenContext(mask=mask, tempered_old_logps={1.0: old_logp, 1.2: old_logp_t, 0.8: other},
+                       correct=torch.tensor([1.0, 0, 1, 0]))
     out = dcpo(adv, ctx, DCPOArgs())
     alpha = dcpo_alpha(0.0, 0.5, DCPOArgs())  # h_prev defaults to 0; local p_hat = 2/4
     y = torch.tensor([1.0, 0, 1, 0]).unsqueeze(-1)
@@ -145,8 +140,27 @@ def test_dcpo_registry_entry() -> None:
     # H_prev = H0 -> GRPO exactly; no correct sample -> GRPO exactly (no NaN)
     ctx.h_prev = 0.25
     assert torch.equal(dcpo(adv, ctx, DCPOArgs()), adv.unsqueeze(-1).expand(4, 3))
-    ctx.h_prev, ctx.rewards = 0.0, torch.zeros(4)
+    ctx.h_prev, ctx.correct = 0.0, torch.zeros(4)
     assert torch.equal(dcpo(adv, ctx, DCPOArgs()), adv.unsqueeze(-1).expand(4, 3))
+    # H_prev above H0: the T_low log-probs are the ones read
+    ctx.h_prev, ctx.correct, ctx.p_hat = 5.0, torch.tensor([1.0, 0, 1, 0]), 0.5
+    alpha = dcpo_alpha(5.0, 0.5, DCPOArgs())
+    torch.testing.assert_close(dcpo(adv, ctx, DCPOArgs()), (1 - alpha) * adv.unsqueeze(-1) + alpha * y * (other - old_logp).exp())
+    # a temperature that was not computed is an error, not a silent fallback to the current policy
+    ctx.tempered_old_logps = {1.0: old_logp, 1.2: old_logp_t}
+    with pytest.raises(ValueError, match=r"tempered_old_logps at \[0.8\]"):
+        dcpo(adv, ctx, DCPOArgs())
+
+
+def test_dcpo_rho_is_one_at_temperature_one_and_declared_needs() -> None:
+    from posttrain.algos import TOKEN_WEIGHTS
+    from posttrain.algos.token_weights import dcpo_temperatures
+
+    entry = TOKEN_WEIGHTS.entry("dcpo")
+    assert entry.needs == {"tempered_old_logps", "correct"} and entry.state is DCPOState
+    assert dcpo_temperatures(DCPOArgs(t_high=1.5, t_low=0.5)) == (1.0, 1.5, 0.5)
+    lp = torch.randn(2, 3)
+    assert torch.equal(dcpo_rho(lp, lp), torch.ones(2, 3))
 
 
 def test_dcpo_state_round_trip() -> None:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from posttrain.algos.entropy_terms import EPOArgs, EPOState, epo_band_penalty, epo_beta, epo_loss_term
+from posttrain.algos.entropy_terms import EPOArgs, epo_band_penalty, epo_beta, epo_loss_term
+from posttrain.algos.state import EPOState
 
 # Two trajectories. traj 0: turns [0, 0, 1] with H = [1, 3, 2] -> turn means [2, 2] -> 2
 #                   traj 1: turn 0 with H = [4], then padding   -> 4

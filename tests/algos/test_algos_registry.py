@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from posttrain.algos import ADVANTAGES, ENTROPY_TERMS, TOKEN_WEIGHTS, Registry
-from posttrain.algos.entropy_terms import EntropyContext
-from posttrain.algos.token_weights import TokenContext
+from posttrain.algos.context import EntropyContext, TokenContext
 
 
 def _default_args(registry: Registry, name: str) -> object:
@@ -81,17 +80,19 @@ def _token_ctx(b: int, t: int, degenerate: bool, empty: bool) -> tuple[torch.Ten
     logp = -torch.rand(b, t, generator=g) * 3
     old_logp = logp + 0.1 * torch.randn(b, t, generator=g)
     adv = torch.zeros(b) if degenerate else torch.randn(b, generator=g)
+    rewards = torch.zeros(b) if degenerate else (torch.rand(b, generator=g) > 0.5).float()
     ctx = TokenContext(
         mask=mask,
         logp=logp.requires_grad_(),
         ratio=(logp - old_logp).exp(),
-        old_logp=old_logp,
-        old_logp_tempered=old_logp * 0.9,
+        entropy=torch.rand(b, t, generator=g) * 2,
         entropy_old=torch.rand(b, t, generator=g) * 2,
-        rewards=torch.zeros(b) if degenerate else (torch.rand(b, generator=g) > 0.5).float(),
+        tempered_old_logps={1.0: old_logp, 1.2: old_logp * 0.9, 0.8: old_logp * 1.1},
+        rewards=rewards,
+        correct=rewards > 0.5,
         p_hat=None,
         h_prev=0.0,
-        omega_max=1.0,
+        reduce_max=lambda x: x,
     )
     return adv, ctx
 
@@ -141,6 +142,36 @@ def test_every_entropy_term(name: str, case: str) -> None:
     term.backward()
     assert entropy.grad is not None and torch.isfinite(entropy.grad).all()
     assert (entropy.grad[mask == 0] == 0).all()  # padding never gets a gradient
+
+
+@pytest.mark.parametrize("registry", [ADVANTAGES, TOKEN_WEIGHTS, ENTROPY_TERMS], ids=lambda r: r.kind)
+def test_every_entry_builds_its_args_from_the_trainer_config(registry: Registry) -> None:
+    """What the entropy-control trainer does for any component: args from EntropyControlConfig's defaults, through
+    the entry's declared mapping, equal the argument dataclass's own defaults (one set of defaults)."""
+    import dataclasses
+
+    from posttrain.trainers.grpo import EntropyControlConfig
+
+    config = EntropyControlConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[])
+    for name in registry.names():
+        entry = registry.entry(name)
+        args = entry.build_args(config)
+        assert (args is None) == (entry.args is None), name
+        if args is None:
+            continue
+        assert set(entry.config) <= {f.name for f in dataclasses.fields(entry.args)}, name
+        if name != "clip_cov":  # Clip-Cov reads the trainer's clip range, not defaults of its own
+            assert args == entry.args(), name
+
+
+def test_declared_needs_are_context_fields() -> None:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TokenContext)}
+    for name in TOKEN_WEIGHTS.names():
+        assert TOKEN_WEIGHTS.entry(name).needs <= fields, name
+    assert TOKEN_WEIGHTS.entry("none").noop and ENTROPY_TERMS.entry("none").noop
+    assert not TOKEN_WEIGHTS.entry("steer").noop and TOKEN_WEIGHTS.entry("steer").needs == {"entropy_old"}
 
 
 def test_registered_diagnostics_bnpo_fit_and_none_elsewhere():

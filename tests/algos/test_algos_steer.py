@@ -121,11 +121,16 @@ def test_weights_linear_form() -> None:
 def test_global_scope_needs_the_gathered_max() -> None:
     adv, ratio, logp, entropy_old, mask = _batch()
     ctx = TokenContext(mask=mask, logp=logp, ratio=ratio, entropy_old=entropy_old)
-    with pytest.raises(ValueError, match="omega_max"):
+    with pytest.raises(ValueError, match="reduce_max"):
         steer(adv, ctx, STEERArgs(max_scope="global"))
-    ctx.omega_max = 1e9  # a huge global max: every local token weight -> ~1
+    seen = []
+    ctx.reduce_max = lambda local: seen.append(local) or torch.tensor(1e9)  # another process has a huge |Omega|
     out = steer(adv, ctx, STEERArgs(max_scope="global"))
-    torch.testing.assert_close(out, adv.unsqueeze(-1) * mask, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, adv.unsqueeze(-1) * mask, atol=1e-6, rtol=1e-6)  # every local weight -> ~1
+    omega = steer_omega(adv, ratio, logp, entropy_old, mask)
+    assert len(seen) == 1 and seen[0].item() == pytest.approx(omega.abs().max().item())
+    ctx.reduce_max = lambda local: local  # one process: the local max, the same as micro_batch scope
+    torch.testing.assert_close(steer(adv, ctx, STEERArgs(max_scope="global")), steer(adv, ctx, STEERArgs()))
 
 
 def test_args_validation() -> None:

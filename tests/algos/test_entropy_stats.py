@@ -46,3 +46,25 @@ def test_unique_answers():
     answers = ["1", "1", "2", None, None, "3"]
     assert mean_unique_per_group(answers, 3) == pytest.approx((2 + 2) / 2)
     assert mean_unique_per_group(["a"] * 4, 2) == 1.0
+
+
+def test_percentiles_match_torch_quantile_on_small_inputs():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 10, 1001):
+        x = torch.rand(n, generator=gen, dtype=torch.float64) * 3
+        stats = entropy_summary(x)
+        expected = torch.quantile(x, torch.tensor([0.5, 0.8, 0.95], dtype=torch.float64)).tolist()
+        assert [stats["p50"], stats["p80"], stats["p95"]] == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+def test_percentiles_beyond_torch_quantile_limit():
+    """torch.quantile refuses more than 2**24 elements (a MATH-500 x n=64 evaluation has more tokens). The sequence
+    n-1..0 has known order statistics: the q-quantile is q (n - 1), the top-20% mean the mean of the last k."""
+    n = 2**24 + 7
+    x = torch.arange(n - 1, -1, -1, dtype=torch.float32)  # descending: the sort has work to do
+    stats = entropy_summary(x)
+    assert [stats["p50"], stats["p80"], stats["p95"]] == pytest.approx([q * (n - 1) for q in (0.5, 0.8, 0.95)],
+                                                                       rel=0, abs=1e-6)
+    k = -(-n // 5)
+    assert stats["top20_mean"] == pytest.approx((n - 1) - (k - 1) / 2, rel=1e-12)
+    assert stats["mean"] == pytest.approx((n - 1) / 2, rel=1e-12)

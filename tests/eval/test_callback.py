@@ -91,3 +91,25 @@ def test_grpo_run_logs_eval_metrics_and_reports(tmp_path, monkeypatch):
     assert [e["step"] for e in summary["eval_during_training"]["evaluations"]] == [0, 1, 2]
     assert "Entropy collapse warning" in (result.report_dir / "README.md").read_text()
     assert (result.report_dir / "eval_during_training" / "step_2" / "track" / "samples_add.jsonl").is_file()
+
+
+def test_collapse_reference_survives_a_resume(tmp_path):
+    """A run resumed from a checkpoint keeps the eval callback's entropy reference and events (saved with the
+    method state): before, a resumed run took its first post-resume entropy as the new reference and missed the
+    collapse."""
+    suite = tmp_path / "track.yaml"
+    suite.write_text(SUITE)
+    overrides = ["model.name_or_path=tiny-qwen2", "model.peft=null", f"output_dir={tmp_path / 'run'}",
+                 "eval.before=false", "eval.after=false", "rollout.max_new_tokens=6", "rollout.num_generations=2",
+                 "trainer.per_device_train_batch_size=4", f"eval.suites=[{suite}]", "eval.every_n_steps=1",
+                 "eval.limit=2", "trainer.save_strategy=steps", "trainer.save_steps=1"]
+    first = run_recipe(load_recipe(RECIPE, [*overrides, "trainer.max_steps=1"])).summary
+    saved = json.loads((tmp_path / "run" / "checkpoint-1" / "posttrain_state.json").read_text())["eval_callback"]
+    assert saved["reference"] and [h["step"] for h in saved["history"]] == [0, 1]
+    resumed = run_recipe(load_recipe(RECIPE, [*overrides, "trainer.max_steps=2"]),
+                         resume=str(tmp_path / "run" / "checkpoint-1")).summary
+    history = resumed["eval_during_training"]["evaluations"]
+    assert [h["step"] for h in history] == [0, 1, 2]  # the steps before the resume are kept
+    assert history[:2] == first["eval_during_training"]["evaluations"]
+    final = json.loads((tmp_path / "run" / "checkpoint-2" / "posttrain_state.json").read_text())["eval_callback"]
+    assert final["reference"] == saved["reference"]  # the first run's reference, not a post-resume value

@@ -119,3 +119,26 @@ def test_training_log_adds_curves_with_the_entropy_law(tmp_path, addition_data, 
     res = evaluate(scripted_engine(), None, suite, tmp_path / "o", log_history=read_log_history(tmp_path / "run"))
     assert "training_curves.png" in res["plots"]
     assert (tmp_path / "o" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampled_prompts_never_share_a_seed_across_chunks(tmp_path, addition_data, scripted_engine):
+    """Engines seed prompt i of a call with seed + i*n .. seed + i*n + n - 1 (vLLM's per-sample seeds); chunk
+    seeds must step by n per row so that two prompts of a task never draw the same noise when n > 1."""
+    from posttrain.rollout.vllm import _prompt_seeds
+
+    class Recording(scripted_engine):
+        def __init__(self):
+            super().__init__()
+            self.seeds = []
+
+        def generate(self, prompts, sampling):
+            self.seeds.append(sampling.seed)
+            starts = _prompt_seeds(sampling, len(prompts))
+            self.sample_seeds = getattr(self, "sample_seeds", []) + [s + j for s in starts for j in range(sampling.n)]
+            return super().generate(prompts, sampling)
+
+    engine = Recording()
+    evaluate_suite(engine, None, load_suite(_suite(tmp_path, addition_data, n=4)), tmp_path / "out", chunk_size=3,
+                   progress=False)
+    assert len(engine.seeds) == 4  # 10 rows in chunks of 3
+    assert len(engine.sample_seeds) == 40 and len(set(engine.sample_seeds)) == 40

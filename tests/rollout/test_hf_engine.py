@@ -71,3 +71,31 @@ def test_prompt_longer_than_context_is_rejected(engine):
 def test_bad_sampling_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_empty_prompt_gets_the_same_error_as_vllm(engine):
+    with pytest.raises(ValueError, match=r"^prompt 1 is empty \(0 tokens\)$"):
+        engine.generate(["hi", ""], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"^prompt 0 is empty \(0 tokens\)$"):
+        engine.generate_ids([[]], SamplingParams(max_new_tokens=4))
+
+
+def test_stops_on_every_generation_config_eos_id(engine):
+    """vLLM stops on all of the generation config's EOS ids; the HF engine must stop at the same place."""
+    prompt = _prompts(engine, 1)
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    first = engine.generate(prompt, greedy)[0].completions[0]
+    assert len(first.token_ids) > 1 and first.token_ids[0] != engine.tokenizer.eos_token_id
+    config = engine.model.generation_config
+    saved = config.eos_token_id
+    try:
+        config.eos_token_id = [engine.tokenizer.eos_token_id, first.token_ids[0]]
+        out = engine.generate(prompt, greedy)[0].completions[0]
+    finally:
+        config.eos_token_id = saved
+    assert out.token_ids == first.token_ids[:1] and out.finish_reason == "stop"
+
+
+def test_context_length_is_what_the_harness_caps_against(engine):
+    assert engine.context_length == engine.model.config.max_position_embeddings
+    assert HFEngine(engine.model, engine.tokenizer, max_context=64).context_length == 64

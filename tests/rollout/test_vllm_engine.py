@@ -206,6 +206,32 @@ def test_over_long_prompt_is_a_clear_error_and_the_engine_survives(engine, tok):
     assert len(engine.generate(prompts, _sampling())) == 2  # no hang, nothing left queued
 
 
+def test_stop_strings_in_generation_kwargs(engine, tok):
+    """TRL's generation_kwargs reach the engine as `extra`: stop strings need detokenisation, which the engine turns
+    on; keys the engine sets itself are refused with the setting to change instead."""
+    prompts = _prompts(tok, 3)
+    free = engine.generate(prompts, _sampling(max_new_tokens=16))
+    stop = next(ch for o in free for c in o.completions for ch in c.text if ch.strip())
+    out = engine.generate_ids([o.prompt_token_ids for o in free], _sampling(max_new_tokens=16), extra={"stop": [stop]})
+    assert all(stop not in c.text for o in out for c in o.completions)
+    assert any(len(c.text) < len(f.text) for o, fo in zip(out, free) for c, f in zip(o.completions, fo.completions))
+    with pytest.raises(ValueError, match=r"may not set 'max_tokens' \(set SamplingParams.max_new_tokens"):
+        engine.generate_ids([free[0].prompt_token_ids], _sampling(), extra={"max_tokens": 3})
+
+
+def test_harness_caps_max_new_tokens_to_the_vllm_context(engine, tok, tmp_path):
+    """A suite whose max_new_tokens does not fit beside a prompt is cut to fit, as with the HF engine, instead of
+    aborting mid-run."""
+    from posttrain.data import get_task
+    from posttrain.eval.harness import evaluate_task
+
+    task = get_task("arithmetic")
+    rows = [dict(r) for r in task.load(split="test", limit=2)]
+    sampling = SamplingParams(temperature=0, max_new_tokens=engine.context_length, entropies=True)
+    result = evaluate_task(engine, tok, task, rows, sampling, tmp_path / "s.jsonl", progress=False)
+    assert result["info"]["max_new_tokens_capped"] == 2 and result["n_prompts"] == 2
+
+
 def test_sleep_and_wake_are_noops_on_cpu(engine, tok):
     assert engine.on_cpu
     engine.sleep()
@@ -258,6 +284,42 @@ def test_grpo_trains_through_the_engine(engine, path, tok, tmp_path):
     # The evaluation path (trainer.rollout_engine) syncs the last step's weights before generating.
     out = trainer.rollout_engine.generate(_prompts(tok, 2), _sampling())
     assert _max_gap(out, trainer.accelerator.unwrap_model(trainer.model).eval()) < TOLERANCE
+
+
+def test_logprob_gap_is_logged_and_a_stale_engine_is_flagged(engine, path, tok, tmp_path):
+    """rollout/logprob_gap_{mean,max}: small with the weight sync, and a warning at the first step that samples
+    from stale weights (the sync switched off, as a silently failing sync would)."""
+    import warnings
+
+    from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}]}
+                            for a in range(4) for b in range(4)])
+
+    def run(out, stale):
+        engine.sync_weights(load_model(path, "float32"))
+        args = GRPOConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                          max_completion_length=10, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
+                          save_strategy="no", seed=0, learning_rate=0.3, disable_tqdm=True, temperature=TEMPERATURE)
+        trainer = GRPOTrainer(model=load_model(path, "float32"), reward_funcs=[_digit_reward], args=args,
+                              train_dataset=ds, processing_class=tok, rollout_engine=engine)
+        sync = engine.sync_if_stale
+        if stale:
+            engine.sync_if_stale = lambda force=False: None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.train()
+        finally:
+            engine.sync_if_stale = sync
+        gaps = [h for h in trainer.state.log_history if "rollout/logprob_gap_mean" in h]
+        return gaps, [w for w in caught if "stale weights" in str(w.message)]
+
+    gaps, warned = run(tmp_path / "synced", stale=False)
+    assert len(gaps) == 2 and all(h["rollout/logprob_gap_max"] < TOLERANCE for h in gaps) and not warned
+    gaps, warned = run(tmp_path / "stale", stale=True)
+    assert gaps[0]["rollout/logprob_gap_mean"] < TOLERANCE  # step 1 samples from the weights it started with
+    assert gaps[1]["rollout/logprob_gap_mean"] > 0.05 and len(warned) == 1
 
 
 def test_rollout_engine_and_use_vllm_together_is_an_error(engine, path, tok, tmp_path):

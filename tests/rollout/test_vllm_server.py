@@ -142,7 +142,7 @@ def test_lora_sync_through_the_server(engine, tok, path, tmp_path):
     after = engine.generate_ids(prompts, _sampling())
     assert _max_gap(after, model) < TOLERANCE
     engine.sync_weights(model)  # a second sync replaces the first adapter (unloads it) and keeps serving
-    assert engine._served == "policy-2"
+    assert engine._served == f"policy-{engine._run_tag}-2"
     assert _max_gap(engine.generate_ids(prompts, _sampling()), model) < TOLERANCE
 
 

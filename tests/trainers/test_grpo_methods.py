@@ -137,7 +137,7 @@ def test_epo_term_is_minus_lambda_entropy_with_alpha_zero(tmp_path, trl_referenc
     assert second["epo/beta"] == pytest.approx(epo_beta(1, 2, 3.0))
     assert "epo/h_bar" not in first and second["epo/h_bar"] == pytest.approx(first["epo/entropy_traj"], rel=1e-6)
     assert first["epo/corridor_fraction"] == 1.0
-    assert t.epo_state.step == 2 and t.epo_state.entropy_count == 2
+    assert t.method_states["epo"].step == 2 and t.method_states["epo"].entropy_count == 2
 
 
 def test_epo_corridor_penalises_outside_band(tmp_path):
@@ -148,20 +148,32 @@ def test_epo_corridor_penalises_outside_band(tmp_path):
     assert second["epo/corridor_fraction"] == 0.0 and second["epo/smooth_penalty"] > 0
 
 
-class RecordingDCPO(DCPOTrainer):
-    def _dcpo_context(self, ctx, inputs, logp, entropies, input_ids, logits_to_keep):
-        out = super()._dcpo_context(ctx, inputs, logp, entropies, input_ids, logits_to_keep)
-        self.record = (ctx.old_logp.clone(), logp.clone(), ctx.mask.clone())
+def record_token_weights(trainer):
+    """Wrap the trainer's token-weight component so each call's context and output are kept."""
+    import dataclasses
+
+    calls = []
+    fn = trainer._tw.fn
+
+    def recording(advantages, ctx, args):
+        out = fn(advantages, ctx, args)
+        calls.append((advantages.detach().clone(), dataclasses.replace(ctx), out.detach().clone()))
         return out
+
+    trainer._tw = dataclasses.replace(trainer._tw, fn=recording)
+    return calls
 
 
 def test_dcpo_logprobs_from_the_same_forward_match_trl(tmp_path):
     """The LM head redone on the kept hidden states gives TRL's own log-probs at the sampling temperature:
     the positions line up, so rho is taken on the right tokens."""
-    t = make(tmp_path, (RecordingDCPO, DCPOConfig), max_steps=1, temperature=0.9)
+    t = make(tmp_path, "dcpo", max_steps=1, temperature=0.9)
+    calls = record_token_weights(t)
     t.train()
-    ours, theirs, mask = t.record
-    assert torch.allclose(ours * mask, theirs * mask, atol=1e-5)
+    (_, ctx, _), = calls
+    mask = ctx.mask.bool()
+    assert torch.allclose(ctx.tempered_old_logps[1.0][mask], ctx.logp[mask], atol=1e-5)
+    assert set(ctx.tempered_old_logps) == {1.0, 1.2, 0.8}
 
 
 def test_dcpo_controller_and_diagnostics(tmp_path):
