@@ -1,4 +1,4 @@
-"""Command line: `posttrain train|quickstart|eval|models|data ...` (also `python -m posttrain ...` and
+"""Command line: `posttrain train|validate|quickstart|eval|models|data ...` (also `python -m posttrain ...` and
 `accelerate launch -m posttrain train ...`)."""
 
 from __future__ import annotations
@@ -27,6 +27,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = {"last": True, None: None}.get(args.resume, args.resume)
     result = run_recipe(recipe, resume=resume)
     print(f"[posttrain] outputs in {result.output_dir}; report in {result.report_dir}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from posttrain.methods import get_method
+    from posttrain.pipelines import get_pipeline
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)  # every problem, before any model loads
+    method = get_method(recipe.method)
+    print("# resolved recipe\n" + recipe.to_yaml())
+    effective = get_pipeline(method.kind).describe(recipe)
+    if effective:
+        print(f"# effective settings ({method.kind} kind, {method.config.rpartition(':')[2]})")
+        print(yaml.safe_dump(effective, sort_keys=False, default_flow_style=False))
+    print(f"[posttrain] {args.recipe}: valid", file=sys.stderr)
     return 0
 
 
@@ -110,19 +128,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"posttrain: error: --path expects TASK=PATH, got {item!r}", file=sys.stderr)
             return 2
         paths[name] = value
+    named = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    suite = args.suite
+    if suite is None:
+        if not named:
+            print("posttrain: error: give --suite FILE, or --tasks a,b (registered tasks, e.g. gsm8k,math500)",
+                  file=sys.stderr)
+            return 2
+        from posttrain.eval.suite import suite_from_dict
+
+        suite = suite_from_dict({"name": "tasks", "tasks": [{"name": t, "task": t} for t in named]},
+                                source="--tasks " + ",".join(named))
+    only = (args.task or []) + (named if args.suite is not None else [])
     common = dict(engine=args.engine, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                   limit=args.limit, seed=args.seed, data_dir=args.data_dir, paths=paths or None,
-                  batch_size=args.batch_size, dtype=args.dtype, resume=not args.overwrite,
-                  progress=not args.no_progress, tasks=args.task)
+                  batch_size=args.batch_size, dtype=args.dtype, device=args.device, resume=not args.overwrite,
+                  progress=not args.no_progress, tasks=only or None)
     adapters = args.adapter or []
     try:
         if len(args.model) > 1 or len(adapters) > 1:
-            results = run_forgetting(args.model, args.suite, args.output, adapters=adapters, base_model=args.base_model,
+            results = run_forgetting(args.model, suite, args.output, adapters=adapters, base_model=args.base_model,
                                      **common)
             m = results["continual"]["metrics"]
             print(f"[posttrain] forgetting: ACC {m['acc']}, BWT {m['bwt']}, FWT {m['fwt']}")
         else:
-            results = run_eval(args.model[0], args.suite, args.output, adapter=adapters[0] if adapters else None,
+            results = run_eval(args.model[0], suite, args.output, adapter=adapters[0] if adapters else None,
                                base_model=args.base_model, training_log=args.training_log, **common)
             for name, res in results["tasks"].items():
                 acc, se = res["metrics"].get("accuracy"), res["stderr"].get("accuracy")
@@ -148,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                        help="resume from a checkpoint directory, or the last one in output_dir if no value")
     train.set_defaults(func=_cmd_train)
+
+    validate = sub.add_parser(
+        "validate", help="check a recipe without loading any model",
+        description="Load and check a recipe (with overrides) as `posttrain train` would, without loading a model or "
+                    "writing anything: print the resolved recipe and the effective settings (batch shapes), or every "
+                    "problem with its key, exiting 2.")
+    validate.add_argument("recipe", help="recipe file (a path, or a name under recipes/)")
+    validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    validate.set_defaults(func=_cmd_validate)
 
     quick = sub.add_parser("quickstart", help="GRPO + LoRA on SmolLM2-135M-Instruct, synthetic arithmetic, CPU",
                            description="Run recipes/quickstart.yaml: evaluate, train, evaluate, write a report.")
@@ -213,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named model (tiny-qwen2, smollm2-135m-instruct), local dir, .gguf or Hub id; "
                          "repeat for stages")
     ev.add_argument("--adapter", action="append", metavar="DIR", help="PEFT adapter folder; repeat for stages")
-    ev.add_argument("--suite", required=True,
+    ev.add_argument("--suite",
                     help="suite YAML (a path, or a name under eval/: reasoning, retention, continual)")
+    ev.add_argument("--tasks", metavar="A,B",
+                    help="registered tasks to evaluate without a suite file (e.g. gsm8k,math500, greedy, 512 new "
+                         "tokens unless --temperature / --max-new-tokens say otherwise); with --suite: only these")
     ev.add_argument("--output", required=True, metavar="DIR", help="output folder (reused to resume)")
     ev.add_argument("--limit", type=int, help="first N prompts of each task")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout backend (default hf)")
@@ -229,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-model", help="reference model for KL on retention prompts (and the FWT base row)")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="auto",
+                    help="where the model (and the KL base model) runs: auto (the GPU when present), cpu, cuda:N")
     ev.add_argument("--training-log", metavar="PATH",
                     help="trainer_state.json / run folder / metrics.jsonl: also plot training curves "
                          "and the entropy law")

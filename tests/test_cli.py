@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,41 @@ def test_train_via_cli_with_overrides(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resolved recipe" in proc.stdout
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
+
+
+RECIPE_FILES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_validate_accepts_every_shipped_recipe(recipe, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["validate", str(recipe)])
+    assert code.value.code == 0
+    assert "# resolved recipe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.num_generations=1"], "rollout.num_generations: GRPO needs at least 2 completions per prompt"),
+    (["rollout.num_generations=3"], "rollout.num_generations / trainer.per_device_train_batch_size: "
+                                    "generation_batch_size (16) must be divisible by num_generations (3)"),
+    (["trainer.loss_type=dapoo"], "trainer.loss_type: 'dapoo' is not one of TRL's GRPO losses"),
+])
+def test_validate_reports_trl_config_problems_before_any_model_loads(overrides, message, capsys, monkeypatch, tmp_path):
+    import posttrain.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as code:
+        main(["validate", "recipes/quickstart.yaml", *overrides, f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as code:  # `posttrain train` refuses the same recipe the same way
+        main(["train", "recipes/quickstart.yaml", *overrides, f"output_dir={tmp_path / 'run'}"])
+    assert code.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_validate_prints_the_effective_batch_shapes(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "recipes/quickstart.yaml", "trainer.gradient_accumulation_steps=2"])
+    out = capsys.readouterr().out
+    assert "generation_batch_size: 32" in out and "prompts_per_optimizer_step: 4" in out

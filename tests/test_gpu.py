@@ -34,6 +34,25 @@ def test_seeded_hf_generation_leaves_the_cuda_rng_alone():
     assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
+def test_eval_runs_on_the_gpu_by_default(tmp_path, monkeypatch):
+    """`posttrain eval` (run_eval) places the model on the GPU when one is present (device auto)."""
+    from posttrain.eval import api
+
+    seen = {}
+    real = api.make_engine
+
+    def spy(kind, model, tokenizer, **kw):
+        seen["device"] = next(model.parameters()).device.type
+        return real(kind, model, tokenizer, **kw)
+
+    monkeypatch.setattr(api, "make_engine", spy)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nsampling: {n: 1, temperature: 0.0, max_new_tokens: 4}\n"
+                     "tasks:\n  - {name: add, task: arithmetic, split: test}\n")
+    api.run_eval("tiny-qwen2", suite, tmp_path / "out", limit=2, progress=False)
+    assert seen["device"] == "cuda"
+
+
 @pytest.mark.parametrize("method", ["grpo", "steer", "epo", "dcpo", "bnpo", "qae", "clip_cov", "epo_guessing"])
 def test_each_trainer_trains_on_cuda(method, tmp_path):
     from posttrain.recipe import load_recipe

@@ -562,7 +562,7 @@ def test_trainer_keys_against_trl_grpo_config(tmp_path: Path, monkeypatch: pytes
         "model_init_kwargs": {"dtype": "bfloat16"},
         "max_steps": 2,
         "beta": 0.04,
-        "per_device_train_batch_size": 4,
+        "per_device_train_batch_size": 8,  # TRL's own check, run at load: divisible by num_generations (8)
         "gradient_checkpointing": True,
     }
     recipe = load_recipe(write(tmp_path / "r.yaml", {**MINIMAL, "method": "trl_grpo", "trainer": good}))

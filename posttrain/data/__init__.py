@@ -8,6 +8,7 @@ completion and `task.reward_funcs()` gives the same grader as TRL reward functio
 from __future__ import annotations
 
 from posttrain.data import classification as _classification  # noqa: F401 - registers classification
+from posttrain.data import custom as _custom  # noqa: F401 - registers custom, mixture
 from posttrain.data import math as _math  # noqa: F401 - registers gsm8k, math500, aime24, amc23
 from posttrain.data import multiple_choice as _mc  # noqa: F401 - registers multiple_choice, mmlu_stem
 from posttrain.data import synthetic as _synthetic  # noqa: F401 - registers arithmetic

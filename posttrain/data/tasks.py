@@ -97,6 +97,10 @@ class Task:
         preference pairs built for prompts the model never gets right)."""
         return f"The final answer is \\boxed{{{answer}}}."
 
+    def grading_key(self) -> tuple:
+        """Tasks with equal keys grade a completion the same way (a `mixture` needs one grader for its batch)."""
+        return (type(self).extract_answer.__qualname__, type(self).score.__qualname__)
+
     def reward_funcs(self) -> list[Callable[..., list[float | None]]]:
         """TRL reward functions for training on this task (by default its grader, `accuracy`)."""
         return [get_reward("accuracy", self)]

@@ -19,7 +19,8 @@ from posttrain.eval.harness import evaluate_suite
 from posttrain.eval.report import read_log_history, write_plots, write_results
 from posttrain.eval.suite import Suite, load_suite, with_overrides
 
-__all__ = ["EvalUsageError", "make_engine", "evaluate", "run_eval", "run_forgetting", "resolve_suite"]
+__all__ = ["EvalUsageError", "make_engine", "evaluate", "resolve_device", "run_eval", "run_forgetting",
+           "resolve_suite"]
 
 
 class EvalUsageError(ValueError):
@@ -70,11 +71,22 @@ def evaluate(
     return results
 
 
-def _load(model: str, adapter: str | None, dtype: str) -> tuple[Any, Any]:
+def resolve_device(device: str = "auto") -> str:
+    """`auto`: the current CUDA device when there is one, else the CPU; anything else as given ("cpu", "cuda:1")."""
+    import torch
+
+    if device == "auto":
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalUsageError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def _load(model: str, adapter: str | None, dtype: str, device: str = "cpu") -> tuple[Any, Any]:
     from posttrain.models import load_model, load_peft_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    net = load_model(model, dtype=dtype)
+    net = load_model(model, dtype=dtype).to(device)
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
@@ -100,17 +112,20 @@ def run_eval(
     paths: dict[str, str] | None = None,
     batch_size: int = 16,
     dtype: str = "auto",
+    device: str = "auto",
     resume: bool = True,
     progress: bool = True,
     training_log: str | Path | None = None,
     tasks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Load `model` (+ `adapter`, unmerged) and evaluate it on `suite`; see the module docstring.
+    """Load `model` (+ `adapter`, unmerged) onto `device` (`auto`: the GPU when there is one) and evaluate it on
+    `suite`; see the module docstring.
 
     KL from the base model (suite entries with `kl_to_base: true`) compares with `base_model`, or, for an
     adapter, with the same model with its adapter disabled."""
     s = resolve_suite(suite, n=n, temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, seed=seed)
-    net, tokenizer = _load(model, adapter, dtype)
+    device = resolve_device(device)
+    net, tokenizer = _load(model, adapter, dtype, device)
     kl = None
     if any(t.kl_to_base for t in s.tasks):
         from posttrain.eval.kl import BaseKL
@@ -118,12 +133,13 @@ def run_eval(
         if base_model is not None:
             from posttrain.models import load_model
 
-            kl = BaseKL(net, load_model(base_model, dtype=dtype).eval())
+            kl = BaseKL(net, load_model(base_model, dtype=dtype).to(device).eval())
         elif adapter is not None:
             kl = BaseKL(net)
     eng = make_engine(engine, net, tokenizer, batch_size=batch_size)
     info = {"name_or_path": model, "adapter": adapter, "base_model": base_model, "engine": engine, "dtype": dtype}
     config = {"limit": limit, "n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+              "device": device,
               "data_dir": str(data_dir) if data_dir else None, "paths": paths, "batch_size": batch_size,
               "tasks": list(tasks) if tasks else None}
     history = read_log_history(training_log) if training_log else None

@@ -186,20 +186,27 @@ def evaluate_entry(
     base = sampling_params(entry)
     t0 = time.perf_counter()
     n_tokens = capped = 0
+    # an engine that batches internally (vLLM) wants many prompts per call; resume granularity is a chunk
+    chunk_size = max(chunk_size, int(getattr(engine, "preferred_chunk_size", chunk_size)))
     bar = tqdm(total=len(rows), initial=len(done), desc=f"eval {entry.name}", unit="prompt", disable=not progress,
                dynamic_ncols=True)
     try:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             prompts = [_prompt(tokenizer, rows[i]["prompt"], entry.prompt_format, format_prompt) for i in chunk]
+            # tokenised once: for the context check here and for generation (engines that take ids)
+            ids = None if tokenizer is None else [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             # the seed depends on where the chunk starts, so a resumed run samples its chunks as a fresh run would;
             # engines give prompt i of a call seeds seed + i*n .. seed + i*n + n-1, so a chunk starting at row r
             # starts at seed + r*n and no two prompts of the task share a seed
             seed = None if entry.sampling.temperature == 0 else entry.sampling.seed + chunk[0] * entry.sampling.n
-            sampling = _fit_context(engine, tokenizer, prompts, _with_seed(base, seed), entry.name)
+            sampling = _fit_context(engine, ids, _with_seed(base, seed), entry.name)
             if sampling.max_new_tokens < base.max_new_tokens:
                 capped += len(chunk)
-            outputs = engine.generate(prompts, sampling)
+            if ids is not None and hasattr(engine, "generate_ids"):
+                outputs = engine.generate_ids(ids, sampling, prompts=prompts)
+            else:
+                outputs = engine.generate(prompts, sampling)
             kls = kl_scorer(outputs) if kl else [None] * len(outputs)
             with samples.open("a", encoding="utf-8") as f:
                 for i, out, k in zip(chunk, outputs, kls, strict=True):
@@ -249,7 +256,7 @@ def _clean_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _clean(v) for k, v in d.items()}
 
 
-def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: SamplingParams,
+def _fit_context(engine: Any, prompt_ids: list[list[int]] | None, sampling: SamplingParams,
                  name: str) -> SamplingParams:
     """Cut max_new_tokens so the longest prompt of the chunk still fits the engine's context (a small model's
     1-2k context cannot hold a long prompt plus 512 new tokens); counted in the run info. The context is the
@@ -258,9 +265,9 @@ def _fit_context(engine: Any, tokenizer: Any, prompts: list[str], sampling: Samp
     limit = getattr(engine, "context_length", None)
     if limit is None:  # an engine without the attribute: fall back to its model's config
         limit = getattr(getattr(getattr(engine, "model", None), "config", None), "max_position_embeddings", None)
-    if not limit or tokenizer is None:
+    if not limit or prompt_ids is None:
         return sampling
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    longest = max(len(ids) for ids in prompt_ids)
     room = int(limit) - longest
     if room < 1:
         raise ValueError(f"task {name!r}: a prompt has {longest} tokens, more than the model's context of {limit}")

@@ -11,11 +11,15 @@ averages, over contexts visited by pi, to the sequence KL(pi || pi_ref) per toke
 from pi at temperature 1; with greedy decoding it is the KL along the greedy path.
 
 With a PEFT model and no separate base model, the base is the same model with its adapter disabled:
-no second copy of the weights.
+no second copy of the weights. Memory: the sequences are left-padded so every completion ends at the right
+edge; only the last (longest completion) positions are projected to logits (`logits_to_keep`), and the KL is
+taken in chunks of positions (`token_kl_chunked`), so nothing of size [batch, prompt + completion, vocab]
+is ever held, and no second full log-softmax.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,14 +27,26 @@ import torch
 
 from posttrain.rollout.base import GenerationOutput
 
-__all__ = ["BaseKL", "token_kl"]
+__all__ = ["BaseKL", "token_kl", "token_kl_chunked"]
+
+CHUNK_POSITIONS = 256  # positions per KL chunk: chunk x vocab float32 temporaries
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Exact KL(softmax(logits) || softmax(ref_logits)) over the last (vocabulary) dim: [B, T, V] -> [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+    """Exact KL(softmax(logits) || softmax(ref_logits)) over the last (vocabulary) dim: [..., V] -> [...].
+
+    KL = sum_v p_v (z_v - q_v) - logsumexp(z) + logsumexp(q): one softmax, no log-softmax of either side."""
+    z, q = logits.float(), ref_logits.float()
+    p = torch.softmax(z, dim=-1)
+    return ((p * (z - q)).sum(-1) - torch.logsumexp(z, dim=-1) + torch.logsumexp(q, dim=-1)).clamp_min(0.0)
+
+
+def token_kl_chunked(logits: torch.Tensor, ref_logits: torch.Tensor, chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """`token_kl` over the positions of `[B, T, V]` logits, `chunk` positions at a time: `[B, T]`."""
+    b, t, v = logits.shape
+    flat, ref = logits.reshape(-1, v), ref_logits.reshape(-1, v)
+    out = [token_kl(flat[i : i + chunk], ref[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out).view(b, t) if out else logits.new_zeros(b, t)
 
 
 class BaseKL:
@@ -41,10 +57,16 @@ class BaseKL:
             raise ValueError("KL from the base model needs base_model, or a PEFT model whose adapter can be disabled")
         self.model, self.base_model, self.batch_size = model, base_model, batch_size
 
-    def _logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, adapter_off: bool) -> torch.Tensor:
+    def _logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int, adapter_off: bool) -> torch.Tensor:
+        """Logits of the last `keep` positions (left-padded batch: position ids from the mask)."""
         ctx = model.disable_adapter() if adapter_off else nullcontext()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+        if "logits_to_keep" in inspect.signature(forward).parameters:
+            kwargs["logits_to_keep"] = keep
         with ctx:
-            return model(input_ids=ids, attention_mask=mask).logits
+            return model(**kwargs).logits[:, -keep:]
 
     @torch.no_grad()
     def __call__(self, outputs: list[GenerationOutput]) -> list[list[tuple[float, int]]]:
@@ -57,24 +79,25 @@ class BaseKL:
             for start in range(0, len(seqs), self.batch_size):
                 batch = seqs[start : start + self.batch_size]
                 width = max(len(p) + len(c) for p, c in batch)
+                keep = max(len(c) for _, c in batch) + 1  # position t predicts token t + 1
                 ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
                 mask = torch.zeros_like(ids)
-                for b, (p, c) in enumerate(batch):  # right padding: positions need no shifting
-                    ids[b, : len(p) + len(c)] = torch.tensor(p + c, device=device)
-                    mask[b, : len(p) + len(c)] = 1
-                logits = self._logits(self.model, ids, mask, adapter_off=False)
+                for b, (p, c) in enumerate(batch):  # left padding: every completion ends at the right edge
+                    ids[b, width - len(p) - len(c) :] = torch.tensor(p + c, device=device)
+                    mask[b, width - len(p) - len(c) :] = 1
+                logits = self._logits(self.model, ids, mask, keep, adapter_off=False)
                 if self.base_model is not None:
-                    ref = self._logits(self.base_model, ids.to(next(self.base_model.parameters()).device),
-                                       mask.to(next(self.base_model.parameters()).device), False).to(device)
+                    base_device = next(self.base_model.parameters()).device
+                    ref = self._logits(self.base_model, ids.to(base_device), mask.to(base_device), keep,
+                                       False).to(device)
                 else:
-                    ref = self._logits(self.model, ids, mask, adapter_off=True)
-                kl = token_kl(logits[:, :-1], ref[:, :-1])  # position t predicts token t + 1
-                for b, (p, c) in enumerate(batch):
+                    ref = self._logits(self.model, ids, mask, keep, adapter_off=True)
+                kl = token_kl_chunked(logits[:, :-1], ref[:, :-1])  # [B, keep - 1]: the last keep - 1 tokens
+                for b, (_, c) in enumerate(batch):
                     if not c:
                         per_seq.append((0.0, 0))
                         continue
-                    span = kl[b, len(p) - 1 : len(p) - 1 + len(c)]
-                    per_seq.append((float(span.sum()), len(c)))
+                    per_seq.append((float(kl[b, kl.shape[1] - len(c) :].sum()), len(c)))
         finally:
             self.model.train(was_training)
         out, i = [], 0

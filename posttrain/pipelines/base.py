@@ -79,6 +79,11 @@ class Pipeline:
         """Problems that span sections (each naming its key path), found when the recipe loads. Default: none."""
         return []
 
+    def describe(self, recipe: Recipe) -> dict[str, Any]:
+        """The effective settings a user should see before a run (`posttrain validate`), e.g. the batch shapes the
+        TRL config derives. Default: none."""
+        return {}
+
     def prepare(self, ctx: RunContext) -> Any:
         """Datasets, rewards and evaluation data; raises on bad data before any model loads."""
         raise NotImplementedError

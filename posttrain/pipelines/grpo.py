@@ -21,9 +21,21 @@ from posttrain.pipelines.base import (
     peft_config,
     train_and_save,
 )
-from posttrain.recipe import OWNED_TRAINER_KEYS, DataSpec, Recipe
+from posttrain.recipe import OWNED_TRAINER_KEYS, DataSpec, Recipe, RecipeError
 
-__all__ = ["GRPOPipeline", "trainer_config"]
+__all__ = ["GRPOPipeline", "LOSS_TYPES", "trainer_config"]
+
+# The loss types TRL 1.16's GRPOTrainer._compute_loss implements (an unknown one fails only at the first loss there).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# TRL's config errors -> the recipe keys a user changes to fix them
+_TRL_ERROR_KEYS = (
+    ("divisible by num_generations", "rollout.num_generations / trainer.per_device_train_batch_size"),
+    ("generations per prompt", "rollout.num_generations"),
+    ("steps_per_generation", "trainer.steps_per_generation"),
+    ("generation_batch_size", "trainer.generation_batch_size"),
+    ("bf16", "trainer.bf16"),
+    ("fp16", "trainer.fp16"),
+)
 
 
 def trainer_config(recipe: Recipe, config_class: type) -> Any:
@@ -46,6 +58,12 @@ def trainer_config(recipe: Recipe, config_class: type) -> Any:
         # TRL keeps only its importance-sampling knobs from `rollout.vllm:`.
         kwargs.update({f"vllm_{k}": v for k, v in _vllm_options(rollout)[1].items()})
     return config_class(**kwargs)
+
+
+def _config_class(recipe: Recipe) -> type:
+    from posttrain.methods import get_method
+
+    return get_method(recipe.method).config_class()
 
 
 def _vllm_options(rollout: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -83,6 +101,38 @@ class GRPOPipeline(Pipeline):
     sections: ClassVar[frozenset[str]] = frozenset({"rewards", "rollout"})
     owned_trainer_keys: ClassVar[dict[str, str]] = OWNED_TRAINER_KEYS
 
+    def check(self, recipe: Recipe) -> list[str]:
+        """What TRL would refuse later (at trainer construction, or at the first loss), as recipe problems with
+        the keys to change: TRL's GRPOConfig is built here, so its own checks run before any model loads."""
+        problems = []
+        if recipe.rollout.num_generations < 2:
+            problems.append(f"rollout.num_generations: GRPO needs at least 2 completions per prompt for its group "
+                            f"advantages, got {recipe.rollout.num_generations}")
+        loss = recipe.trainer.get("loss_type")
+        if loss is not None and loss not in LOSS_TYPES:
+            problems.append(f"trainer.loss_type: {loss!r} is not one of TRL's GRPO losses ({', '.join(LOSS_TYPES)})")
+        config_class = _config_class(recipe)
+        if problems or not any(c.__module__.startswith("trl.") for c in config_class.__mro__):
+            return problems  # a config class that is not TRL's has no TRL checks to run
+        try:
+            trainer_config(recipe, config_class)
+        except (ValueError, TypeError, KeyError) as err:
+            message = str(err.args[0] if err.args else err)
+            key = next((k for pattern, k in _TRL_ERROR_KEYS if pattern in message), "trainer")
+            problems.append(f"{key}: {message}")
+        return problems
+
+    def describe(self, recipe: Recipe) -> dict[str, Any]:
+        config = trainer_config(recipe, _config_class(recipe))
+        fields = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                  "generation_batch_size", "steps_per_generation", "num_iterations", "max_completion_length",
+                  "loss_type", "beta", "learning_rate", "max_steps", "temperature", "save_strategy")
+        out = {f: getattr(getattr(config, f), "value", getattr(config, f)) for f in fields if hasattr(config, f)}
+        out["prompts_per_generation"] = config.generation_batch_size // config.num_generations
+        out["prompts_per_optimizer_step"] = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                                             // config.num_generations)
+        return out
+
     def prepare(self, ctx: RunContext) -> GRPOPrepared:
         from posttrain.rewards import get_reward
 
@@ -94,7 +144,14 @@ class GRPOPipeline(Pipeline):
         spec = recipe.data.train
         train_task = load_task(spec, recipe.data.system_prompt)
         train_ds = train_task.load(split=spec.split or "train", path=spec.path, limit=spec.limit)
-        rewards = [get_reward(r.name, train_task, **r.options) for r in recipe.rewards] or train_task.reward_funcs()
+        rewards = []
+        for i, r in enumerate(recipe.rewards):
+            try:
+                rewards.append(get_reward(r.name, train_task, **r.options))
+            except (KeyError, TypeError, ValueError) as err:
+                message = err.args[0] if err.args else str(err)
+                raise RecipeError(f"rewards[{i}] ({r.name}): {message}", recipe.source) from None
+        rewards = rewards or train_task.reward_funcs()
         prepared = GRPOPrepared(config, train_task, train_ds, rewards)
         if recipe.data.eval is not None and (recipe.eval.before or recipe.eval.after):
             es = recipe.data.eval

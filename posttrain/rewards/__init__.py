@@ -24,6 +24,7 @@ __all__ = [
     "Gradable",
     "register_reward",
     "get_reward",
+    "import_reward",
     "completion_text",
     "suggest",
     "extract_answer",
@@ -67,8 +68,43 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     return decorator
 
 
+def import_reward(path: str, **options: Any) -> RewardFunc:
+    """A reward function named by import path, `package.module:function` (as TRL's CLI takes them): a TRL reward
+    function `fn(prompts, completions, **kwargs) -> list[float | None]`, called with the entry's `options` as extra
+    keyword arguments. Its `__name__` is what TRL logs (`rewards/<name>/mean`). ValueError naming the path when
+    the module or function cannot be had."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {path!r}: an import path is 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({err}); is it installed, or on "
+                         "PYTHONPATH?") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        public = sorted(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_"))
+        raise ValueError(f"reward {path!r}: module {module_name!r} has no {attr!r}." + suggest(attr, public))
+    if not callable(fn):
+        raise ValueError(f"reward {path!r}: {attr!r} is not callable")
+    if not options:
+        return fn
+
+    @functools.wraps(fn)
+    def with_options(*args: Any, **kwargs: Any) -> list[float | None]:
+        return fn(*args, **{**kwargs, **options})
+
+    return with_options
+
+
 def get_reward(name: str, task: Gradable | None = None, **options: Any) -> RewardFunc:
-    """The TRL reward function `name` built for `task`; KeyError for unknown names, TypeError for unknown options."""
+    """The TRL reward function `name` built for `task` (a registered name, or an import path
+    `package.module:function`); KeyError for unknown names, TypeError for unknown options, ValueError for an import
+    path that does not resolve."""
+    if ":" in name:
+        return import_reward(name, **options)
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}." + suggest(name, list(REWARDS)))
     factory = REWARDS[name]

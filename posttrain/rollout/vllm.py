@@ -67,6 +67,35 @@ def topk_entropy(top: Mapping[int, tuple[float, int]], k: int, vocab_size: int) 
     return head + residual * -min(ranked), head + residual * math.log(unseen / residual)
 
 
+def flat_topk_stats(flat: Any, k: int, vocab_size: int) -> tuple[Any, Any]:
+    """(sampled-token log-probs [T], entropy estimates [T]) of one completion from vLLM's `FlatLogprobs`, all
+    positions at once (numpy; no dict per token). Same values as `topk_entropy` position by position: each
+    position holds the sampled token first, then ranks 1..k, and a sampled token inside the top k appears twice
+    (counted once)."""
+    import numpy as np
+
+    starts, ends = np.asarray(flat.start_indices), np.asarray(flat.end_indices)
+    lps = np.asarray(flat.logprobs, dtype=np.float64)
+    ranks = np.asarray([0 if r is None else r for r in flat.ranks], dtype=np.int64)
+    sampled = lps[starts]
+    position = np.repeat(np.arange(len(starts)), ends - starts)
+    first = np.zeros(len(lps), dtype=bool)
+    first[starts] = True
+    unique = ~(first & (ranks <= k))  # a sampled token inside the top k is listed again among ranks 1..k
+    finite = np.isfinite(lps)
+    p = np.where(unique & finite, np.exp(np.where(finite, lps, 0.0)), 0.0)
+    n = len(starts)
+    head = -np.bincount(position, weights=np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), minlength=n)
+    residual = np.clip(1.0 - np.bincount(position, weights=p, minlength=n), 0.0, None)
+    counted = np.bincount(position, weights=unique.astype(np.float64), minlength=n)
+    ranked = unique & (ranks >= 1) & (ranks <= k) & ~np.isnan(lps)
+    lowest = np.full(n, np.inf)
+    np.minimum.at(lowest, position[ranked], lps[ranked])
+    usable = (residual > 1e-12) & (vocab_size - counted > 0) & np.isfinite(lowest)
+    estimate = head + np.where(usable, residual * -np.where(np.isfinite(lowest), lowest, 0.0), 0.0)
+    return sampled, estimate
+
+
 # --- helpers shared by both backends --------------------------------------------------------------------
 
 # vLLM SamplingParams fields the engine sets from posttrain's SamplingParams (or needs as it sets them): extra
@@ -171,6 +200,7 @@ class _TextPrompts:
     tokenize with the trainer's tokenizer and generate from token ids, so prompts match the trainer's exactly."""
 
     tokenizer: Any
+    preferred_chunk_size = 256  # vLLM batches hundreds of sequences itself: give it many prompts per call
 
     def generate(self, prompts: list[str], sampling: SamplingParams | None = None) -> list[GenerationOutput]:
         """`sampling.n` completions per (already chat-formatted) prompt, in prompt order."""
@@ -298,7 +328,7 @@ class VLLMEngine(_Follows, _TextPrompts):
         fields = [_merge_extra(dict(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
             min_p=sampling.min_p or 0.0, repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=k, detokenize=False), extra)
+            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=k, detokenize=False, flat_logprobs=True), extra)
             for seed in _prompt_seeds(sampling, len(prompt_ids))]
         params = [VLLMSamplingParams(**f) for f in fields]
         own_text = fields[0]["detokenize"]  # stop strings: vLLM's text ends before the stop string, the ids do not
@@ -310,15 +340,15 @@ class VLLMEngine(_Follows, _TextPrompts):
                                       prompt_token_ids=prompt_ids[i])
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                tops = None if c.logprobs is None else [
-                    {t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in c.logprobs]
+                sampled = entropies = None
+                if c.logprobs is not None and len(ids):
+                    sampled, entropies = flat_topk_stats(c.logprobs, k, self.vocab_size)
                 result.completions.append(Completion(
                     token_ids=ids,
                     text=c.text if own_text else self.tokenizer.decode(ids, skip_special_tokens=True),
                     finish_reason=_finish(c.finish_reason),
-                    logprobs=None if tops is None or not sampling.logprobs else [s[t][0] for s, t in zip(tops, ids)],
-                    entropies=None if tops is None or not sampling.entropies else
-                    [topk_entropy(s, k, self.vocab_size)[0] for s in tops],
+                    logprobs=sampled.tolist() if sampled is not None and sampling.logprobs else None,
+                    entropies=entropies.tolist() if entropies is not None and sampling.entropies else None,
                 ))
             results.append(result)
         return results

@@ -155,3 +155,33 @@ def test_forgetting_assembles_matrix_and_metrics(tmp_path, monkeypatch):
     assert "| base | 0.300 | 0.200 | 0.100 |" in md and "| s2 | 0.400 | 0.600 | 0.700 |" in md
     with pytest.raises(api.EvalUsageError, match="4 stages but the suite has 3 tasks"):
         api.run_forgetting(["m"], suite, tmp_path / "o", adapters=["a", "b", "c", "d"])
+
+
+def test_device_choice(monkeypatch):
+    import torch
+
+    from posttrain.eval.api import EvalUsageError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(EvalUsageError, match="no CUDA device"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("auto") == "cuda:1"
+
+
+def test_tasks_without_a_suite_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["eval", "--model", "tiny-qwen2", "--tasks", "arithmetic", "--limit", "2", "--max-new-tokens", "4",
+              "--output", str(tmp_path / "out"), "--no-progress"])
+    assert code.value.code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["tasks"]) == ["arithmetic"] and results["tasks"]["arithmetic"]["metrics"]["n_prompts"] == 2
+    assert results["suite"]["source"] == "--tasks arithmetic"
+    with pytest.raises(SystemExit) as code:
+        main(["eval", "--model", "tiny-qwen2", "--tasks", "arithmetc", "--output", str(tmp_path / "bad")])
+    assert code.value.code == 2 and "Did you mean 'arithmetic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as code:
+        main(["eval", "--model", "tiny-qwen2", "--output", str(tmp_path / "none")])
+    assert code.value.code == 2 and "give --suite FILE, or --tasks" in capsys.readouterr().err

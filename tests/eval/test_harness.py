@@ -142,3 +142,22 @@ def test_sampled_prompts_never_share_a_seed_across_chunks(tmp_path, addition_dat
                    progress=False)
     assert len(engine.seeds) == 4  # 10 rows in chunks of 3
     assert len(engine.sample_seeds) == 40 and len(set(engine.sample_seeds)) == 40
+
+
+def test_lm_eval_style_results_file_reads_with_lm_evals_table(tmp_path, addition_data, scripted_engine):
+    """Besides results.json, a results_<timestamp>.json in lm-eval's aggregated format that lm-eval's own reader
+    (make_table) and file finder (get_results_filenames) take."""
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    engine = scripted_engine(right=lambda i, n: min(i % 5, n))
+    out = tmp_path / "out"
+    results = evaluate(engine, None, load_suite(_suite(tmp_path, addition_data)), out, model_info={"name_or_path": "m"})
+    files = lm_utils.get_results_filenames([str(p) for p in out.iterdir()])
+    assert len(files) == 1
+    data = json.loads(Path(files[0]).read_text())
+    row = data["results"]["add"]
+    assert row["exact_match,none"] == pytest.approx(results["tasks"]["add"]["metrics"]["accuracy"])
+    assert row["exact_match_stderr,none"] == pytest.approx(results["tasks"]["add"]["stderr"]["accuracy"])
+    assert row["pass@4,none"] == pytest.approx(results["tasks"]["add"]["metrics"]["pass@4"])
+    table = lm_utils.make_table(data)
+    assert "exact_match" in table and f"{row['exact_match,none']:.4f}" in table
+    assert data["n-samples"]["add"] == {"original": 10, "effective": 10} and data["model_name"] == "m"

@@ -64,3 +64,33 @@ def test_adapter_kl_is_zero_at_init_and_positive_after_a_change(tiny):
 def test_kl_needs_a_base():
     with pytest.raises(ValueError, match="needs base_model, or a PEFT model"):
         BaseKL(torch.nn.Linear(2, 2))
+
+
+def test_chunked_kl_of_kept_positions_equals_the_full_right_padded_computation(tiny):
+    """Left padding + logits_to_keep + chunked KL give what the full [B, L, V] computation gives."""
+    from peft import get_peft_model
+
+    from posttrain.eval.kl import token_kl_chunked
+    from posttrain.models import load_model, lora_config
+
+    model, tokenizer = load_model("tiny-qwen2"), tiny[1]
+    peft_model = get_peft_model(model, lora_config(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    engine = HFEngine(peft_model, tokenizer, progress=False)
+    outputs = engine.generate(["What is 1 + 2?", "Hello there, how many apples", "x"],
+                              SamplingParams(n=2, temperature=1.0, max_new_tokens=7, seed=3))
+    ours = BaseKL(peft_model, batch_size=4)(outputs)
+    for o, row in zip(outputs, ours):
+        for c, (s, n) in zip(o.completions, row):
+            ids = torch.tensor([o.prompt_token_ids + c.token_ids])
+            with torch.no_grad():
+                z = peft_model(input_ids=ids).logits[0, len(o.prompt_token_ids) - 1 : -1]
+                with peft_model.disable_adapter():
+                    q = peft_model(input_ids=ids).logits[0, len(o.prompt_token_ids) - 1 : -1]
+            assert n == len(c.token_ids)
+            assert s == pytest.approx(token_kl(z, q).sum().item(), rel=1e-4, abs=1e-6)
+    x, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    torch.testing.assert_close(token_kl_chunked(x, y, chunk=3), token_kl(x, y))

@@ -88,3 +88,38 @@ def test_seeded_generation_restores_the_cpu_rng():
     with seeded_rng(123):
         torch.rand(5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_flat_topk_stats_equal_the_per_position_dict_computation():
+    """The vectorised top-k entropy over vLLM's FlatLogprobs equals topk_entropy position by position (sampled
+    token inside and outside the top k, -inf and residual-free positions)."""
+    import math
+    import random
+
+    pytest.importorskip("vllm")
+    from vllm.logprobs import FlatLogprobs
+
+    from posttrain.rollout.vllm import flat_topk_stats, topk_entropy
+
+    rng = random.Random(0)
+    k, vocab = 5, 50
+    flat, dicts = FlatLogprobs(), []
+    for pos in range(40):
+        raw = sorted((rng.gauss(0, 2) for _ in range(vocab)), reverse=True)
+        z = math.log(sum(math.exp(x) for x in raw))
+        lps = [x - z for x in raw]
+        if pos == 3:
+            lps = [0.0] + [-math.inf] * (vocab - 1)  # all mass on one token
+        ranked = list(range(vocab))
+        rng.shuffle(ranked)  # token ids of ranks 1..vocab
+        sampled_rank = rng.choice([1, 2, k, k + 1, 17])
+        entries = [(ranked[sampled_rank - 1], lps[sampled_rank - 1], sampled_rank)]
+        entries += [(ranked[r - 1], lps[r - 1], r) for r in range(1, k + 1)]
+        flat.append_fast([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries],
+                         [None] * len(entries))
+        dicts.append({t: (lp, r) for t, lp, r in entries})
+    sampled, estimate = flat_topk_stats(flat, k, vocab)
+    for pos, top in enumerate(dicts):
+        first_token = flat.token_ids[flat.start_indices[pos]]
+        assert sampled[pos] == top[first_token][0]
+        assert estimate[pos] == pytest.approx(topk_entropy(top, k, vocab)[0], rel=1e-12, abs=1e-12)

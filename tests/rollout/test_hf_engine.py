@@ -99,3 +99,48 @@ def test_stops_on_every_generation_config_eos_id(engine):
 def test_context_length_is_what_the_harness_caps_against(engine):
     assert engine.context_length == engine.model.config.max_position_embeddings
     assert HFEngine(engine.model, engine.tokenizer, max_context=64).context_length == 64
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(n=2, temperature=0.7, top_p=0.9, repetition_penalty=1.3, max_new_tokens=7, seed=5, logprobs=True,
+                   entropies=True),
+    SamplingParams(temperature=0, max_new_tokens=7, logprobs=True, entropies=True),
+], ids=["sampled", "greedy"])
+def test_step_statistics_equal_those_of_the_full_logits(engine, sampling):
+    """The per-step log-probs and entropies (only [rows, T] kept) equal what transformers' output_logits gives
+    for the same generation, with processors (top-p, repetition penalty) active."""
+    from posttrain.algos.entropy import token_entropy
+    from posttrain.rollout.hf import seeded_rng
+
+    prompts = _prompts(engine, 3)
+    ours = engine.generate(prompts, sampling)
+    tok = engine.tokenizer
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(3), key=lambda i: -len(encoded[i]))  # the engine's batch order (batch_size 3: one batch)
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in order])
+    mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in order])
+    kwargs = engine._generate_kwargs(sampling)
+    with torch.no_grad(), seeded_rng(sampling.seed):
+        ref = engine.model.generate(input_ids=ids, attention_mask=mask, output_logits=True, **kwargs)
+    logits = torch.stack(ref.logits, dim=1).float()
+    temperature = 1.0 if sampling.greedy else sampling.temperature
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, ref.sequences[:, width:, None]).squeeze(-1)
+    ent = token_entropy(logits, temperature)
+    for pos, i in enumerate(order):
+        for j, c in enumerate(ours[i].completions):
+            row = pos * sampling.n + j
+            assert c.token_ids == ref.sequences[row, width : width + len(c.token_ids)].tolist()
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp[row, : len(c.token_ids)], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.entropies), ent[row, : len(c.token_ids)], atol=1e-5, rtol=0)
+
+
+def test_results_come_back_in_prompt_order_across_length_sorted_batches():
+    model, tok = load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2")
+    prompts = [f"What is {'1 + ' * (i % 4)}{i}?" for i in range(7)]
+    one_by_one = [HFEngine(model, tok, batch_size=1, progress=False).generate([p], SamplingParams(
+        temperature=0, max_new_tokens=5))[0] for p in prompts]
+    batched = HFEngine(model, tok, batch_size=3, progress=False).generate(prompts, SamplingParams(
+        temperature=0, max_new_tokens=5))
+    assert [o.prompt for o in batched] == prompts
+    assert [o.completions[0].token_ids for o in batched] == [o.completions[0].token_ids for o in one_by_one]

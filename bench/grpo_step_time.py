@@ -1,0 +1,78 @@
+"""Quickstart GRPO step time: this checkout against an earlier revision, and the OpenMP/thread settings, in one run.
+
+Each variant trains the quickstart recipe (SmolLM2-135M-Instruct + LoRA, 2 prompts x 8 completions, up to 48
+tokens) for --steps steps in its own fresh process, after the other, and reports TRL's logged `step_time` of every
+step but the first (warm-up) with its median; ratios are against the first variant. `--before REV` adds the same
+run from a git worktree of REV (e.g. the commit before this work), so before/after come from the same machine in
+one invocation. Variants differ only in environment:
+
+  default   torch's own threads (all cores) and libgomp's default spin-waiting
+  passive   OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
+  threads1  OMP_NUM_THREADS=1
+
+    python bench/grpo_step_time.py --steps 5                       # ~15 minutes on 2 cores
+    python bench/grpo_step_time.py --steps 5 --before e25cada --variants default passive
+    python bench/grpo_step_time.py --model tiny-qwen2 --steps 3    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads1": {"OMP_NUM_THREADS": "1"}}
+
+
+def run(tree: Path, env_extra: dict[str, str], model: str, steps: int, out: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env.update(env_extra, PYTHONPATH=str(tree))
+    cmd = [sys.executable, "-m", "posttrain", "train", str(tree / "recipes" / "quickstart.yaml"),
+           f"model.name_or_path={model}", f"trainer.max_steps={steps}", "eval.before=false", "eval.after=false",
+           f"output_dir={out}", "trainer.disable_tqdm=true"]
+    subprocess.run(cmd, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    times = [h["step_time"] for h in history if "step_time" in h][1:]
+    lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h][1:]
+    return {"step_times_s": [round(t, 2) for t in times], "median_step_s": round(statistics.median(times), 2),
+            "mean_completion_tokens": round(statistics.mean(lengths), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--before", metavar="REV", help="also run this git revision (default settings)")
+    args = ap.parse_args()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="posttrain-steptime-") as tmp:
+        trees = [(name, ROOT, VARIANTS[name]) for name in args.variants]
+        if args.before:
+            before = Path(tmp) / "before"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
+                           check=True, capture_output=True)
+            trees.insert(0, (f"before:{args.before}", before, {}))
+        try:
+            for name, tree, env in trees:
+                results[name] = run(tree, env, args.model, args.steps, Path(tmp) / name.replace(":", "_"))
+                print(name, json.dumps(results[name]), flush=True)
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],
+                               capture_output=True)
+    first = next(iter(results))
+    report = {"model": args.model, "steps_timed": args.steps - 1, "cores": os.cpu_count(), "variants": results,
+              "ratio_to_" + first: {k: round(v["median_step_s"] / results[first]["median_step_s"], 3)
+                                    for k, v in results.items()}}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
