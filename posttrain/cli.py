@@ -8,12 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from posttrain.resources import RECIPES_DIR as REPO_RECIPES  # the shipped recipes (package data)
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe path as given, else relative to ./recipes, else to the recipes/ folder of this checkout."""
-    for candidate in (Path(name), Path("recipes") / name, REPO_RECIPES / name):
+    """A recipe path as given, else relative to ./recipes, else a shipped recipe (`grpo/steer.yaml`, or as the
+    recipe headers write it, `recipes/grpo/steer.yaml`)."""
+    shipped = name.removeprefix("recipes/")
+    for candidate in (Path(name), Path("recipes") / name, REPO_RECIPES / shipped,
+                      REPO_RECIPES / f"{shipped}.yaml"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"recipe not found: {name} (looked in ., ./recipes and {REPO_RECIPES})")
@@ -58,6 +61,101 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     if "accuracy_before" in s and "accuracy_after" in s:
         print(f"\n[posttrain] quickstart: held-out accuracy {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} "
               f"on {s['n_eval']} problems; {s['train_minutes']:.1f} min of training. Report: {result.report_dir}")
+    return 0
+
+
+def _cmd_recipes_list(args: argparse.Namespace) -> int:
+    from posttrain.recipe import _read_yaml_file
+    from posttrain.resources import shipped_recipes
+
+    print(f"shipped recipes ({REPO_RECIPES}):")
+    for name in shipped_recipes():
+        text = (REPO_RECIPES / name).read_text(encoding="utf-8").splitlines()
+        summary = next((line.lstrip("# ").strip() for line in text if line.startswith("#")), "")
+        method = _read_yaml_file(REPO_RECIPES / name).get("method", "(from its base)")
+        print(f"  {name:<34} {str(method):<16} {summary[:70]}")
+    print("Use one: posttrain train NAME (e.g. posttrain train grpo/steer.yaml); copy one to edit: "
+          "posttrain recipes copy NAME DIR")
+    return 0
+
+
+def _cmd_recipes_copy(args: argparse.Namespace) -> int:
+    import yaml
+
+    from posttrain.recipe import _resolve_file
+
+    source = find_recipe(args.name)
+    data = _resolve_file(source)  # the base chain merged in: the copy stands on its own
+    header = [line for line in source.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    target = Path(args.dir) / source.name if Path(args.dir).suffix != ".yaml" else Path(args.dir)
+    if target.exists() and not args.force:
+        print(f"posttrain: error: {target} exists (--force to overwrite)", file=sys.stderr)
+        return 2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    target.write_text("\n".join([*header, f"# Copied from {args.name} with its base recipes merged in.", body]),
+                      encoding="utf-8")
+    print(f"[posttrain] {target}")
+    return 0
+
+
+def _cmd_recipes_schema(args: argparse.Namespace) -> int:
+    from posttrain.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        print(f"[posttrain] {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_tasks_list(args: argparse.Namespace) -> int:
+    from posttrain.data import TASKS, task_options
+
+    print("registered tasks (data.train.task / data.eval.task / suite entries):")
+    for name, cls in sorted(TASKS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        options = ", ".join(o for o in task_options(name) if o not in ("system_prompt", "instruction"))
+        print(f"  {name:<16} {doc}")
+        if options:
+            print(f"  {'':<16} options: {options}")
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from posttrain.eval.report import versions
+
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            **versions(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda_version"] = torch.version.cuda
+    from posttrain.models import cache_dir
+
+    info["model_cache"] = str(cache_dir())
+    for key, value in info.items():
+        print(f"- {key}: {value}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from posttrain.models.export import ExportError, export_run, push_to_hub
+
+    try:
+        out = export_run(args.run, args.output, merge=args.merge, dtype=args.dtype)
+        print(f"[posttrain] exported {args.run} to {out} ({'merged model' if args.merge else 'as trained'})")
+        if args.push_to_hub:
+            print(f"[posttrain] pushed to {push_to_hub(out, args.push_to_hub, private=not args.public)}")
+    except ExportError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -192,6 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run recipes/quickstart.yaml: evaluate, train, evaluate, write a report.")
     quick.add_argument("overrides", nargs="*", help="key.path=value overrides")
     quick.set_defaults(func=_cmd_quickstart)
+
+    export = sub.add_parser(
+        "export", help="write a trained run or checkpoint as a folder transformers and vLLM load",
+        description="Export a run folder (output_dir) or one of its checkpoint-N folders: the LoRA adapter (or, with "
+                    "--merge, the base model with the adapter merged in, as safetensors), the tokenizer and chat "
+                    "template, and a model card (base model, method, data, recipe, evaluation results). Example: "
+                    "posttrain export outputs/quickstart --output exported/qs --merge")
+    export.add_argument("run", help="run folder (output_dir of posttrain train) or a checkpoint-N inside it")
+    export.add_argument("--output", required=True, metavar="DIR", help="new (or empty) folder to write")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype of the merged model (default: the recipe's model.dtype)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hub (needs a token)")
+    export.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
+    export.set_defaults(func=_cmd_export)
+
+    recipes = sub.add_parser("recipes", help="the shipped recipes: list, copy, schema")
+    rsub = recipes.add_subparsers(dest="recipes_command", required=True)
+    rsub.add_parser("list", help="list the shipped recipes").set_defaults(func=_cmd_recipes_list)
+    copy = rsub.add_parser("copy", help="copy a shipped recipe (its base recipes merged in) to edit it")
+    copy.add_argument("name", help="e.g. grpo/steer.yaml or quickstart")
+    copy.add_argument("dir", help="folder (or .yaml file) to write")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    copy.set_defaults(func=_cmd_recipes_copy)
+    schema = rsub.add_parser(
+        "schema", help="print the recipe JSON Schema (for an editor's YAML language server)",
+        description="The recipe format as JSON Schema. Point your editor at it, e.g. with the YAML language server "
+                    "(VS Code's YAML extension): a first line `# yaml-language-server: $schema=recipe.schema.json` "
+                    "in a recipe, after `posttrain recipes schema --output recipe.schema.json`.")
+    schema.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    schema.set_defaults(func=_cmd_recipes_schema)
+
+    tasks = sub.add_parser("tasks", help="the registered tasks")
+    tsub = tasks.add_subparsers(dest="tasks_command", required=True)
+    tsub.add_parser("list", help="list the registered tasks and their options").set_defaults(func=_cmd_tasks_list)
+
+    sub.add_parser("env", help="versions, devices and paths (paste it into a bug report)").set_defaults(func=_cmd_env)
 
     models = sub.add_parser("models", help="named models: pull, list")
     msub = models.add_subparsers(dest="models_command", required=True)

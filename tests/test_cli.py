@@ -56,7 +56,8 @@ def test_train_via_cli_with_overrides(tmp_path):
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
 
 
-RECIPE_FILES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_FILES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -92,3 +93,74 @@ def test_validate_prints_the_effective_batch_shapes(capsys):
         main(["validate", "recipes/quickstart.yaml", "trainer.gradient_accumulation_steps=2"])
     out = capsys.readouterr().out
     assert "generation_batch_size: 32" in out and "prompts_per_optimizer_step: 4" in out
+
+
+def test_recipes_list_copy_and_the_copy_trains_the_same_recipe(tmp_path, capsys):
+    from posttrain.recipe import load_recipe
+
+    with pytest.raises(SystemExit):
+        main(["recipes", "list"])
+    listed = capsys.readouterr().out
+    assert "quickstart.yaml" in listed and "grpo/steer.yaml" in listed
+    with pytest.raises(SystemExit) as code:
+        main(["recipes", "copy", "quickstart", str(tmp_path)])
+    assert code.value.code == 0
+    copied = tmp_path / "quickstart.yaml"
+    assert "base:" not in copied.read_text() and copied.read_text().startswith("# The quickstart")
+    original = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert load_recipe(copied) == original  # the base chain merged in: the same recipe, standing alone
+    with pytest.raises(SystemExit) as code:
+        main(["recipes", "copy", "quickstart", str(tmp_path)])
+    assert code.value.code == 2 and "exists" in capsys.readouterr().err
+
+
+def test_shipped_recipe_names_resolve_as_their_headers_write_them():
+    from posttrain.cli import find_recipe
+
+    names = ("grpo/steer.yaml", "recipes/grpo/steer.yaml", "grpo/steer")
+    assert len({find_recipe(n).resolve() for n in names}) == 1
+
+
+def test_recipe_json_schema_accepts_every_shipped_recipe_and_catches_typos():
+    jsonschema = pytest.importorskip("jsonschema")
+    from posttrain.recipe import _resolve_file
+    from posttrain.schema import recipe_json_schema
+
+    schema = recipe_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in RECIPE_FILES:
+        errors = list(validator.iter_errors(_resolve_file(path)))
+        assert not errors, (path, [e.message for e in errors])
+    bad = _resolve_file(REPO / "recipes" / "quickstart.yaml")
+    bad["rollout"]["temprature"] = 0.7
+    bad["model"]["peft"]["r"] = "sixteen"
+    messages = " ".join(e.message for e in validator.iter_errors(bad))
+    assert "temprature" in messages and "sixteen" in messages
+
+
+def test_tasks_list_and_env(capsys):
+    with pytest.raises(SystemExit):
+        main(["tasks", "list"])
+    out = capsys.readouterr().out
+    assert "custom" in out and "arithmetic" in out and "options:" in out
+    with pytest.raises(SystemExit):
+        main(["env"])
+    out = capsys.readouterr().out
+    assert "- torch:" in out and "- trl:" in out and "- cuda:" in out
+
+
+def test_a_wheel_install_ships_the_recipes_and_suites(tmp_path):
+    """A non-editable install (a built wheel, not this checkout) finds the recipes and eval suites."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                    "-w", str(wheel_dir)], check=True)
+    (wheel,) = wheel_dir.glob("posttrain-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True)
+    code = ("import posttrain, posttrain.cli as c, posttrain.eval.suite as s; "
+            "assert str(posttrain.__file__).startswith(%r), posttrain.__file__; "
+            "print(c.find_recipe('grpo/steer.yaml')); print(s.find_suite('reasoning'))" % str(target))
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert all(line.startswith(str(target)) and Path(line).is_file() for line in out), out

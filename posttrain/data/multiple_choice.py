@@ -140,7 +140,7 @@ class GenericMultipleChoice(MultipleChoiceTask):
 
 @register_task("mmlu_stem")
 class MMLUStem(MultipleChoiceTask):
-    """MMLU, STEM subjects only (../shared/data/benchmarks/mmlu_stem.jsonl, or cais/mmlu on the Hub)."""
+    """MMLU, STEM subjects only (a local mmlu_stem.jsonl, or cais/mmlu on the Hub)."""
 
     hub_id = "cais/mmlu"
     hub_config = "all"

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from posttrain.recipe import RecipeError, _build, _read_yaml_file, _render  # shared YAML checking
+from posttrain.resources import EVAL_DIR  # the shipped suites (package data)
 
 __all__ = ["SamplingSpec", "SuiteTask", "Suite", "SuiteError", "load_suite", "suite_from_dict", "find_suite",
            "EVAL_DIR"]
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
 Format = Literal["chat", "plain"]
 
 
@@ -110,7 +110,8 @@ class Suite:
 
 def find_suite(name: str | Path) -> Path:
     """A suite path as given, else `eval/<name>` (with or without .yaml) of this checkout."""
-    for candidate in (Path(name), EVAL_DIR / str(name), EVAL_DIR / f"{name}.yaml"):
+    shipped = str(name).removeprefix("eval/")
+    for candidate in (Path(name), EVAL_DIR / shipped, EVAL_DIR / f"{shipped}.yaml"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"eval suite not found: {name} (looked at the path and in {EVAL_DIR})")
