@@ -81,3 +81,18 @@ def test_smollm2_quickstart_improves_heldout_accuracy(tmp_path):
     summary = run_recipe(r).summary
     assert summary["n_eval"] == 100
     assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1, summary
+
+
+def test_report_to_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    r = load_recipe(RECIPES_DIR / "grpo" / "grpo.yaml",
+                    ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                     "eval.before=false", "eval.after=false", "rollout.max_new_tokens=6", "trainer.report_to=[tensorboard]"])
+    run_recipe(r)
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "train/entropy/mean" in acc.Tags()["scalars"] and "train/reward" in acc.Tags()["scalars"]

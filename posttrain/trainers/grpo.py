@@ -38,6 +38,7 @@ from posttrain.trainers.state import MethodStateMixin, Stateful
 
 logger = logging.getLogger(__name__)
 
+ROW_KEY = "posttrain_row"  # local [B]: the row's index in the global generation batch (rollout logs, completions)
 LOGGED_TURNS = 8  # per-turn entropy is logged for the first turns of multi-turn rollouts
 
 
@@ -57,6 +58,11 @@ class GRPOConfig(trl.GRPOConfig):
     )
     correct_threshold: float = field(
         default=0.5, metadata=_help("A completion is correct when that reward is above this value.")
+    )
+    rollouts_log_steps: int = field(
+        default=10,
+        metadata=_help("Every this many steps, append the step's rollouts (prompt, completion, rewards, advantages, "
+                       "mean entropy) to <output_dir>/rollouts.jsonl; 0: never."),
     )
     rollout_logprob_gap_warning: float | None = field(
         default=0.05,
@@ -90,6 +96,19 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
         if rollout_engine is not None and getattr(config, "use_vllm", False):
             raise ValueError("rollout_engine replaces TRL's own vLLM: leave use_vllm=False in the config")
         super().__init__(*args, **kwargs)
+        from transformers import TrainerCallback
+
+        from posttrain.trainers.rollout_log import RolloutLog
+
+        self.rollout_log = RolloutLog(f"{self.args.output_dir}/rollouts.jsonl", self.args.rollouts_log_steps)
+        trainer = self
+
+        class _FlushAtEnd(TrainerCallback):
+            def on_train_end(self, args, state, control, **kwargs):
+                if trainer.accelerator.is_main_process:
+                    trainer.rollout_log.finish(trainer._logs)
+
+        self.add_callback(_FlushAtEnd())
         if rollout_engine is not None:
             from posttrain.rollout.vllm import TRLGeneration
 
@@ -100,10 +119,17 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
 
     # --- rollout engine drift -----------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
+        if self.accelerator.is_main_process:  # the previous batch, while TRL's logs still hold it
+            self.rollout_log.finish(self._logs)
         output = super()._generate_and_score_completions(inputs)
         sampled, own = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
         if sampled is not None and own is not None:
             self._log_logprob_gap(own, sampled, output)
+        n_local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * n_local
+        output[ROW_KEY] = torch.arange(start, start + n_local, device=output["completion_ids"].device)
+        if self.model.training and self.accelerator.is_main_process:
+            self.rollout_log.begin(self.state.global_step, n_local * self.accelerator.num_processes)
         return output
 
     def _log_logprob_gap(self, own: torch.Tensor, sampled: torch.Tensor, output: dict[str, Any]) -> None:
@@ -147,8 +173,21 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
                 mask = mask * inputs["tool_mask"]
                 self._log_turn_entropy(self._entropy_stash, mask, inputs["tool_mask"])
             self._log_entropy_stats(self._entropy_stash, mask)
+            self._log_rollout_entropies(self._entropy_stash, mask, inputs)
             self._entropy_stash = None
         return loss
+
+    def _log_rollout_entropies(self, entropies: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> None:
+        """Feed rollouts.jsonl: each row's mean token entropy and length under the training forward."""
+        if self.args.rollouts_log_steps <= 0 or ROW_KEY not in inputs or not self.model.training:
+            return
+        m = mask.to(entropies.dtype)
+        lengths = m.sum(1)
+        rows = torch.stack([inputs[ROW_KEY].to(entropies.dtype), (entropies * m).sum(1) / lengths.clamp(min=1),
+                            lengths], dim=1)
+        rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
+        if self.accelerator.is_main_process:
+            self.rollout_log.add_entropies(rows[:, 0], rows[:, 1], rows[:, 2])
 
     def _log_turn_entropy(self, entropies: torch.Tensor, mask: torch.Tensor, env_mask: torch.Tensor) -> None:
         """`turn_entropy/<j>`: mean over trajectories of turn j's token-mean entropy, for the first turns."""
@@ -217,7 +256,6 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
 REWARDS_KEY = "posttrain_rewards"  # local [B] total reward (NaN: unscorable)
 CORRECT_KEY = "posttrain_correct"  # local [B] float: 1 where the completion is correct (the one notion)
 P_HAT_KEY = "posttrain_p_hat"  # 0-d: fraction correct over the global generation batch
-ROW_KEY = "posttrain_row"  # local [B]: the row's index in the global generation batch (completions table)
 OLD_ENTROPY_KEY = "posttrain_old_entropy"  # [B, T] sampling-policy entropies, when TRL ran its old forward
 TEMPERED_PREFIX = "posttrain_old_logp@"  # + temperature factor: [B, T] sampling-policy log-probs at tau * T
 TRAINED_ADVANTAGE_COLUMN = "advantage_trained (token mean)"  # completions-table column of what was trained on
@@ -389,7 +427,6 @@ class EntropyControlTrainer(GRPOTrainer):
         output[REWARDS_KEY] = rewards[local]
         output[CORRECT_KEY] = correct[local].to(device=device, dtype=torch.float32)
         output[P_HAT_KEY] = correct.float().mean().to(device) if correct.numel() else torch.zeros((), device=device)
-        output[ROW_KEY] = torch.arange(start, start + n_local, device=device)
         for _ in range(min(len(advantages), len(self._logs["advantages"]))):  # the completions table shows ours
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.tolist())

@@ -119,3 +119,26 @@ def test_missing_method_state_is_an_error(tmp_path):
     r = make(tmp_path / "b", cls=CountingTrainer, max_steps=3)
     with pytest.raises(FileNotFoundError, match="cannot restore method state"):
         r.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_rollouts_jsonl_every_n_steps(tmp_path):
+    """rollouts.jsonl: one line per completion of every N-th step, with rewards, advantages and mean entropy."""
+    import json
+
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+    from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
+
+    t = GRPOTrainer(model=load_model("tiny-qwen2"), reward_funcs=[digit_reward],
+                    args=GRPOConfig(**config_kwargs(tmp_path, max_steps=3, rollouts_log_steps=2)),
+                    train_dataset=dataset(), processing_class=load_tokenizer("tiny-qwen2"))
+    t.train()
+    lines = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in lines}) == [0, 2] and len(lines) == 16  # steps 0 and 2, 8 completions each
+    first = [x for x in lines if x["step"] == 0]
+    assert [x["row"] for x in first] == list(range(8))
+    assert all(set(x["rewards"]) == {"accuracy"} and 0 <= x["rewards"]["accuracy"] <= 1 for x in lines)
+    assert all(x["entropy_mean"] > 0 and 1 <= x["length"] <= 12 for x in lines)
+    history = [h for h in t.state.log_history if "reward" in h]
+    assert sum(x["rewards"]["accuracy"] for x in first) / 8 == pytest.approx(history[0]["reward"], abs=1e-6)
+    assert abs(sum(x["advantage"] for x in first)) < 1e-4  # group-normalised advantages sum to ~0

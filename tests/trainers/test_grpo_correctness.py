@@ -215,6 +215,10 @@ def test_completions_table_shows_what_was_trained_on(tmp_path):
     means = ((out * m).sum(1) / m.sum(1)).tolist()
     assert sorted(trained) == pytest.approx(sorted(means), abs=1e-6)
     assert any(abs(a - b) > 1e-6 for a, b in zip(trained, sequence))  # STEER's weights shrink some tokens
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted(x["advantage_trained"] for x in lines) == pytest.approx(sorted(trained), abs=1e-6)
 
 
 def test_none_entropy_term_is_skipped(tmp_path):
