@@ -30,6 +30,7 @@ from posttrain.rollout import HFEngine
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = ROOT / "eval" / "lm_eval_tasks"
 ARITH_JSONL = ROOT / "outputs" / "lm_eval_data" / "arithmetic_test.jsonl"
+GSM8K_JSONL = ROOT / "outputs" / "lm_eval_data" / "gsm8k.jsonl"  # where eval/lm_eval_tasks/posttrain_gsm8k.yaml reads
 SETS = {  # our task name -> (lm-eval task, max new tokens)
     "gsm8k": ("posttrain_gsm8k", 256),
     "arithmetic": ("posttrain_arithmetic", 64),
@@ -37,7 +38,7 @@ SETS = {  # our task name -> (lm-eval task, max new tokens)
 
 
 def ours(model, tokenizer, limit: int, data_dir: Path, out: Path, batch_size: int, sets: list[str]) -> dict:
-    paths = {"gsm8k": data_dir / "gsm8k.jsonl", "arithmetic": ARITH_JSONL}
+    paths = {"gsm8k": GSM8K_JSONL, "arithmetic": ARITH_JSONL}
     suite = suite_from_dict({
         "name": "lm_eval_compare",
         "sampling": {"n": 1, "temperature": 0.0},
@@ -108,6 +109,9 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     # the 200 held-out addition problems (the quickstart's test distribution), as JSONL for both harnesses
+    if "gsm8k" in args.sets:  # both harnesses read the same copy
+        GSM8K_JSONL.parent.mkdir(parents=True, exist_ok=True)
+        GSM8K_JSONL.write_text((Path(args.data_dir) / "gsm8k.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     export_jsonl(get_task("arithmetic", min_value=1, max_value=20, num_eval=max(args.limit, 100)), "test", ARITH_JSONL,
                  limit=args.limit)
     import torch

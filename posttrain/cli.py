@@ -214,6 +214,21 @@ def _cmd_data_preferences(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_benchmarks(args: argparse.Namespace) -> int:
+    from posttrain.data.benchmarks import HUB_BENCHMARKS, export_benchmarks
+
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(HUB_BENCHMARKS)
+    try:
+        counts = export_benchmarks(args.output, tasks, limit=args.limit)
+    except (ValueError, KeyError) as err:
+        print(f"posttrain: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    for name, n in counts.items():
+        print(f"[posttrain] {args.output}/{name}.jsonl: {n} rows")
+    print(f"[posttrain] offline from now on: posttrain eval ... --data-dir {args.output}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from posttrain.eval.api import EvalUsageError, run_eval, run_forgetting
     from posttrain.eval.harness import ResumeMismatch
@@ -369,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     prefs.add_argument("--output", required=True, metavar="FILE.jsonl")
     prefs.set_defaults(func=_cmd_data_preferences)
 
+    bench = dsub.add_parser(
+        "benchmarks", help="download the reasoning benchmarks once into a folder of <task>.jsonl (offline use)",
+        description="Write DIR/<task>.jsonl for gsm8k, math500, aime24, amc23 and mmlu_stem (their evaluation "
+                    "splits, rows as the Hub serves them). Afterwards `posttrain eval --data-dir DIR` and recipes "
+                    "with data.train.path=DIR read them without network. Example: "
+                    "posttrain data benchmarks --output data/benchmarks")
+    bench.add_argument("--output", required=True, metavar="DIR")
+    bench.add_argument("--tasks", metavar="A,B", help="only these (default: all five)")
+    bench.add_argument("--limit", type=int, help="first N rows of each (a small offline copy)")
+    bench.set_defaults(func=_cmd_data_benchmarks)
+
     ev = sub.add_parser(
         "eval", help="evaluate a model (or a sequence of checkpoints) on an eval suite",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -376,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.json, results.md, samples_<task>.jsonl and PNG plots into --output; an interrupted "
                     "run resumes from the sample files in --output.\n\n"
                     "  posttrain eval --model tiny-qwen2 --suite eval/reasoning.yaml --limit 5 \\\n"
-                    "      --data-dir ../shared/data/benchmarks --output /tmp/ev\n\n"
+                    "      --data-dir data/benchmarks --output /tmp/ev\n\n"
                     "Forgetting (continual learning): give one checkpoint per training stage, in order, with a\n"
                     "continual suite (tasks in training order); the stage x task accuracy matrix, ACC, BWT, FWT and\n"
                     "forgetting go to --output, each stage's full results to --output/stage<i>_<name>/:\n"
@@ -400,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="completion length cap for every task")
     ev.add_argument("--seed", type=int, help="sampling seed for every task")
     ev.add_argument("--data-dir", metavar="DIR", help="local data: relative task paths resolve here; tasks without "
-                                                      "a path read DIR/<task>.jsonl (e.g. ../shared/data/benchmarks)")
+                                                      "a path read DIR/<task>.jsonl (e.g. data/benchmarks)")
     ev.add_argument("--path", action="append", metavar="TASK=PATH", help="data path for one task (repeatable)")
     ev.add_argument("--task", action="append", metavar="NAME", help="evaluate only these suite tasks (repeatable)")
     ev.add_argument("--base-model", help="reference model for KL on retention prompts (and the FWT base row)")

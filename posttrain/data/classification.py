@@ -1,7 +1,7 @@
 """Text classification as a generation task: `classification` (the continual-learning benchmark tasks).
 
 Rows are `{"sentence": ..., "label": ...}` with `label` one of a fixed list of label strings (the
-"long sequence" continual benchmark in ../shared/data/continual/<task>/{train,test}.jsonl with its
+"long sequence" continual benchmark as folders <task>/{train,test}.jsonl (e.g. data/continual/<task>) with its
 labels.json). The model is asked to answer with one label; the predicted label is the label named
 earliest in the completion (the longest one when several start at the same place, so "very negative"
 is not read as "negative"), compared case-insensitively with the gold label. The same `score` is the

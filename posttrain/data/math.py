@@ -1,7 +1,7 @@
 """Math benchmarks graded with math-verify: gsm8k, math500, aime24, amc23.
 
-Each loads from the Hub by default, or from `path`: a JSONL file or a folder holding
-`<name>.jsonl` (so `path=../shared/data/benchmarks` serves all four). With `path`, the file is the
+Each loads from the Hub by default, or from `path`: a JSONL file or a folder holding `<name>.jsonl` (so
+`path=data/benchmarks`, as `posttrain data benchmarks` writes it, serves all four). With `path`, the file is the
 data and `split` is not consulted.
 """
 

@@ -2,7 +2,7 @@
 reports, the forgetting matrix, and the TrainerCallback that evaluates during training.
 
     from posttrain.eval import run_eval
-    run_eval("tiny-qwen2", "eval/reasoning.yaml", "/tmp/ev", limit=5, data_dir="../shared/data/benchmarks")
+    run_eval("tiny-qwen2", "eval/reasoning.yaml", "/tmp/ev", limit=5, data_dir="data/benchmarks")
 
 Names are imported lazily so that `posttrain.eval.metrics` stays light.
 """

@@ -2,7 +2,7 @@
 a suite, or a sequence of checkpoints on a continual suite (the forgetting matrix).
 
     from posttrain.eval import run_eval
-    results = run_eval("tiny-qwen2", "eval/reasoning.yaml", "/tmp/ev", limit=5, data_dir="../shared/data/benchmarks")
+    results = run_eval("tiny-qwen2", "eval/reasoning.yaml", "/tmp/ev", limit=5, data_dir="data/benchmarks")
 
 Both write results.json, results.md, samples_<task>.jsonl and the PNG plots into the output folder and
 return the results dict. `evaluate` does the same for a model, tokenizer and engine already in memory.

@@ -2,7 +2,7 @@
 entropy-performance law and a sampled-token KL estimate.
 
 Pure functions on Python sequences and numpy arrays (torch tensors are accepted where noted and
-converted on the CPU); no I/O, no model. Formulas follow ../shared/docs/ALGORITHMS.md ("Evaluation
+converted on the CPU); no I/O, no model. Formulas are documented in docs/eval.md ("Metrics"; the papers' "Evaluation
 metrics" and the continual-tuning metrics); that page writes indices 1-based, this module 0-based.
 """
 
