@@ -26,9 +26,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.train import run_recipe
 
-    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    resume = {"last": True, None: None}.get(args.resume, args.resume)
-    result = run_recipe(recipe, resume=resume)
+    overrides, resume = list(args.overrides), args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        overrides.insert(0, resume)  # `--resume trainer.max_steps=30`: a bare --resume, then an override
+        resume = "last"
+    recipe = load_recipe(find_recipe(args.recipe), overrides)
+    result = run_recipe(recipe, resume=resume, force_resume=args.force_resume)
     print(f"[posttrain] outputs in {result.output_dir}; report in {result.report_dir}")
     return 0
 
@@ -290,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.max_steps=10")
     train.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                        help="resume from a checkpoint directory, or the last one in output_dir if no value")
+    train.add_argument("--force-resume", action="store_true",
+                       help="resume even though the recipe differs from the checkpoint's")
     train.set_defaults(func=_cmd_train)
 
     validate = sub.add_parser(

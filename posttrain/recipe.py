@@ -449,7 +449,10 @@ def _convert(value: Any, tp: Any, path: KeyPath, errors: list[str]) -> Any:
 
 
 def _type_error(value: Any, tp: Any, path: KeyPath) -> str:
-    return f"{_render(path)}: expected {_type_name(tp)}, got {_describe(value)}"
+    message = f"{_render(path)}: expected {_type_name(tp)}, got {_describe(value)}"
+    if isinstance(value, bool) and "str" in _type_name(tp):
+        message += " (YAML reads a bare yes/no/on/off as a boolean: quote it, e.g. \"no\")"
+    return message
 
 
 def _convert_scalar(value: Any, tp: type, path: KeyPath, errors: list[str]) -> Any:

@@ -27,13 +27,17 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_recipe(recipe: Recipe, resume: str | bool | None = None) -> RunResult:
-    """Train (and evaluate) as the recipe says. Returns where the outputs and the report are."""
+def run_recipe(recipe: Recipe, resume: str | bool | None = None, force_resume: bool = False) -> RunResult:
+    """Train (and evaluate) as the recipe says. `resume`: a checkpoint folder, or True / "last" for the last one in
+    output_dir (refused when the checkpoint's recipe differs, unless `force_resume`). Returns where the outputs and
+    the report are."""
     from transformers import set_seed
 
+    from posttrain.checkpoints import resolve_resume
     from posttrain.methods import get_method
     from posttrain.pipelines import get_pipeline
 
+    resume = resolve_resume(recipe, resume, force_resume)
     method = get_method(recipe.method)
     pipeline = get_pipeline(method.kind)
     output_dir = Path(recipe.output_dir)

@@ -119,12 +119,14 @@ def on_gpu() -> bool:
 def base_trainer_kwargs(recipe: Recipe) -> dict[str, Any]:
     """Keyword arguments of any TRL config from the recipe: posttrain's defaults, then `trainer:`, then what the
     top level owns (output_dir, seed), and float32 on CPU (TRL raises with bf16 there)."""
+    from posttrain.checkpoints import CHECKPOINT_DEFAULTS
+
     kwargs: dict[str, Any] = {
         # Defaults that suit this library's users; any of them can be set in `trainer:`.
         "logging_steps": 1,
         "report_to": [],
-        "save_strategy": "no",
         "disable_tqdm": False,
+        **CHECKPOINT_DEFAULTS,  # checkpoints unless told not to (posttrain.checkpoints)
     }
     kwargs.update(recipe.trainer)
     kwargs.update(output_dir=recipe.output_dir, seed=recipe.seed)
@@ -176,6 +178,9 @@ def evaluate_task_accuracy(model: Any, tokenizer: Any, recipe: Recipe, task: Any
 def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_dir: Path | None = None) -> None:
     """`trainer.train()` (resuming as asked), then the final model (or adapter) and trainer state in `save_dir`
     (default: output_dir); records train_minutes and steps in `summary`."""
+    from posttrain.checkpoints import RecipeCheckpointCallback
+
+    trainer.add_callback(RecipeCheckpointCallback(ctx.recipe))
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ctx.resume)
     summary["train_minutes"] = (time.perf_counter() - t0) / 60

@@ -1,0 +1,66 @@
+"""Checkpoints by default, the recipe in every checkpoint, and resume: the last checkpoint, an explicit one,
+overrides after a bare --resume, and a changed recipe refused unless forced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+GRPO = str(Path(__file__).resolve().parents[1] / "recipes" / "grpo" / "grpo.yaml")
+
+
+def _args(out, *extra):
+    return [GRPO, "model.name_or_path=tiny-qwen2", "model.peft=null", "rollout.max_new_tokens=6",
+            "rollout.num_generations=2", "trainer.per_device_train_batch_size=4", "eval.before=false",
+            "eval.after=false", f"output_dir={out}", *extra]
+
+
+def _train(*argv):
+    with pytest.raises(SystemExit) as code:
+        main(["train", *argv])
+    return code.value.code
+
+
+def test_default_run_checkpoints_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(*_args(out, "trainer.max_steps=2")) == 0
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]  # every 10% of the run (ceil: every step), the last 2
+    assert (out / "checkpoint-2" / "recipe.yaml").is_file()
+    # a bare --resume followed by an override: the override is not taken for a checkpoint path
+    assert _train(*_args(out), "--resume", "trainer.max_steps=3") == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                              "checkpoint-3"]
+    history = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert history == [1, 2, 3]  # continued, not restarted
+    # a changed learning rate is another run: refused, naming the key
+    assert _train(*_args(out, "trainer.max_steps=4", "trainer.learning_rate=0.1"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "differs from the one" in err and "trainer.learning_rate" in err and "--force-resume" in err
+    assert _train(*_args(out, "trainer.max_steps=4", "trainer.learning_rate=0.1"), "--resume",
+                  "--force-resume") == 0
+    # an explicit checkpoint
+    assert _train(*_args(tmp_path / "other", "trainer.max_steps=3"), "--resume", str(out / "checkpoint-3")) == 0
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path, capsys):
+    assert _train(*_args(tmp_path / "fresh", "trainer.max_steps=1"), "--resume") == 2
+    assert "no checkpoint-N folder in output_dir" in capsys.readouterr().err
+    assert _train(*_args(tmp_path / "fresh", "trainer.max_steps=1"), "--resume", str(tmp_path / "nope")) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_save_strategy_no_turns_checkpoints_off(tmp_path):
+    out = tmp_path / "run"
+    assert _train(*_args(out, "trainer.max_steps=1", 'trainer.save_strategy="no"')) == 0
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_bare_no_gets_a_quoting_hint(tmp_path, capsys):
+    assert _train(*_args(tmp_path, "trainer.max_steps=1", "trainer.save_strategy=no")) == 2
+    assert 'quote it, e.g. "no"' in capsys.readouterr().err
