@@ -23,6 +23,7 @@ from posttrain.pipelines.base import (
     evaluate_task_accuracy,
     load_task,
     peft_config,
+    to_accelerator,
     train_and_save,
     write_report,
 )
@@ -30,6 +31,7 @@ from posttrain.recipe import EvalSpec, Recipe, TaskSpec
 
 __all__ = ["DPOPipeline", "PreferenceData"]
 
+PAIRS_PER_FORWARD = 8  # held-out pairs scored per forward: 16 sequences of full-vocabulary logits
 # logged every step (TRL's metrics, unshifted, and DPO-Shift's f): the report plots them
 _CURVES = ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies", "dpo_shift/f")
 
@@ -114,8 +116,6 @@ class DPOPipeline(Pipeline):
         m, ev = recipe.model, recipe.eval
         summary: dict[str, Any] = {"method": recipe.method, "model": m.name_or_path, "peft": m.peft is not None,
                                    "beta": p.config.beta, "pairs": {"train": len(p.train_ds), "files": p.files}}
-        if getattr(p.config, "dpo_shift_schedule", None) is not None:
-            summary["dpo_shift"] = {k: getattr(p.config, f"dpo_shift_{k}") for k in ("schedule", "f", "f_min", "f_max")}
         reference = None
         if p.eval_rows is not None and ctx.is_main:
             print(f"[posttrain] log-probs of {len(p.eval_rows)} held-out pairs under the starting model",
@@ -145,8 +145,9 @@ class DPOPipeline(Pipeline):
     def _pairs(self, ctx: RunContext, model: Any, p: DPOPrepared, when: str, reference: Any = None) -> dict[str, Any]:
         from posttrain.eval.preference import evaluate_pairs
 
-        result = evaluate_pairs(model, ctx.tokenizer, p.eval_rows, ctx.report_dir / f"pairs_{when}.jsonl",
-                                reference=reference, batch_size=ctx.recipe.eval.batch_size)
+        result = evaluate_pairs(to_accelerator(model), ctx.tokenizer, p.eval_rows,
+                                ctx.report_dir / f"pairs_{when}.jsonl", reference=reference,
+                                batch_size=PAIRS_PER_FORWARD)
         m = result["metrics"]
         print(f"[posttrain] held-out pairs {when}: logp chosen {m['logps/chosen']:.2f}, rejected "
               f"{m['logps/rejected']:.2f}" + (f"; chosen change {m['logps/chosen_change']:+.2f}, reward accuracy "
