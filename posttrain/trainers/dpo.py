@@ -170,33 +170,36 @@ class DPOShiftTrainer(trl.DPOTrainer):
         with self._policy_outputs.on(self.model) as policy, self._ref_outputs.on(self.ref_model) as ref:
             result = super()._compute_loss(model, inputs, return_outputs)
         trl_loss, extra = (result[0], result[1:]) if return_outputs else (result, ())
-        seq_len = inputs["completion_mask"].size(1) - 1
-        peft_ref = not self.precompute_ref_logps and self.ref_model is None and is_peft_model(self.model)
-        expected = 1 + peft_ref + bool(return_outputs)  # policy, [reference with the adapter off], [logits]
-        if len(policy.outputs) != expected or len(ref.outputs) != (self.ref_model is not None
-                                                                    and not self.precompute_ref_logps):
-            raise RuntimeError(
-                f"DPOShiftTrainer: TRL's DPOTrainer._compute_loss made {len(policy.outputs)} policy and "
-                f"{len(ref.outputs)} reference forwards, not the {expected} and "
-                f"{int(self.ref_model is not None and not self.precompute_ref_logps)} that TRL 1.16 makes; "
-                "DPO-Shift cannot find its log-probs. Use trl==1.16.0 or update posttrain/trainers/dpo.py.")
-        chosen, rejected = _sequence_logps(policy.outputs[0], seq_len)
-        if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = _sequence_logps((policy.outputs[1] if peft_ref else ref.outputs[0]), seq_len)
+        logps = self._logps(policy.outputs, ref.outputs, inputs, return_outputs)
         f = self.current_f()
-        losses, chosen_rewards, rejected_rewards = dpo_shift_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                  self.beta, f, self.label_smoothing)
+        losses, chosen_rewards, rejected_rewards = dpo_shift_loss(*logps, self.beta, f, self.label_smoothing)
         loss = losses.mean()
         if self.aux_loss_enabled:  # the MoE load-balancing term TRL adds to its loss
             loss = loss + self.router_aux_loss_coef * policy.outputs[0].aux_loss
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["dpo_shift/f"].append(f)
         if not self._checked_against_trl:
-            self._check_against_trl(mode, trl_loss, (chosen, rejected, ref_chosen, ref_rejected),
-                                    policy.outputs[0], chosen_rewards, rejected_rewards)
+            self._check_against_trl(mode, trl_loss, logps, policy.outputs[0], chosen_rewards, rejected_rewards)
         return (loss, *extra) if return_outputs else loss
+
+    def _logps(self, policy: list[Any], ref: list[Any], inputs: dict[str, Any],
+               return_outputs: bool) -> tuple[torch.Tensor, ...]:
+        """(policy chosen, policy rejected, reference chosen, reference rejected) sequence log-probs [B] from the
+        forwards TRL 1.16's `_compute_loss` makes: the policy; with a PEFT reference, the policy again with the
+        adapter disabled; with `return_outputs`, one more for the logits; the reference model (if any) once."""
+        peft_ref = not self.precompute_ref_logps and self.ref_model is None and is_peft_model(self.model)
+        want_policy, want_ref = 1 + peft_ref + bool(return_outputs), int(self.ref_model is not None
+                                                                        and not self.precompute_ref_logps)
+        if (len(policy), len(ref)) != (want_policy, want_ref):
+            raise RuntimeError(
+                f"DPOShiftTrainer: TRL's DPOTrainer._compute_loss made {len(policy)} policy and {len(ref)} reference "
+                f"forwards, not the {want_policy} and {want_ref} that TRL 1.16 makes; DPO-Shift cannot find its "
+                "log-probs. Use trl==1.16.0 or update posttrain/trainers/dpo.py.")
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen, rejected = _sequence_logps(policy[0], seq_len)
+        if self.precompute_ref_logps:
+            return chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        return chosen, rejected, *_sequence_logps(policy[1] if peft_ref else ref[0], seq_len)
 
     def _check_against_trl(self, mode: str, trl_loss: torch.Tensor, logps: tuple[torch.Tensor, ...], output: Any,
                            chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
