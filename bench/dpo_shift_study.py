@@ -23,8 +23,10 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "dpo"
 METHODS = {"dpo": ("dpo.yaml", []), "dpo_shift_f0.95": ("dpo_shift.yaml", ["trainer.dpo_shift_f=0.95"]),
            "dpo_shift_f0.75": ("dpo_shift.yaml", ["trainer.dpo_shift_f=0.75"])}
-COLUMNS = [("logps/chosen_change", "chosen logp change"), ("logps/rejected_change", "rejected logp change"),
-           ("chosen_up", "pairs with chosen up"), ("reward_accuracy", "held-out reward acc."), ("margin", "margin")]
+COLUMNS = [("logps/chosen_change", "chosen logp change"), ("chosen_change_sampled", "chosen change, sampled pairs"),
+           ("chosen_change_reference", "chosen change, reference pairs"),
+           ("logps/rejected_change", "rejected logp change"), ("chosen_up", "pairs with chosen up"),
+           ("reward_accuracy", "held-out reward acc."), ("margin", "margin")]
 
 
 def run(name: str, seed: int, output: Path, first: bool, extra: list[str]) -> dict:
@@ -39,6 +41,27 @@ def run(name: str, seed: int, output: Path, first: bool, extra: list[str]) -> di
                                            f"eval.before={str(first).lower()}", *extra])
         run_recipe(r)
     return json.loads(summary_file.read_text())
+
+
+def reference_ids(pair_file: str) -> set[str]:
+    """Ids of the held-out pairs whose chosen response is the task's reference answer (prompts where all of
+    SmolLM2's samples were wrong); the others pair two of the model's own samples (on-policy)."""
+    from posttrain.data import get_task
+
+    task = get_task("arithmetic")
+    rows = [json.loads(line) for line in Path(pair_file).read_text().splitlines()]
+    return {r["id"] for r in rows if r["chosen"][0]["content"] == task.reference_completion(r["answer"])}
+
+
+def chosen_change_by_kind(report: Path, ref_ids: set[str]) -> dict[str, float]:
+    """Mean chosen log-prob change on the sampled (on-policy) and on the reference-chosen held-out pairs."""
+    records = [json.loads(line) for line in (report / "pairs_after.jsonl").read_text().splitlines()]
+    out = {}
+    for kind, keep in (("sampled", lambda r: r["id"] not in ref_ids), ("reference", lambda r: r["id"] in ref_ids)):
+        changes = [r["logp_chosen"] - r["ref_logp_chosen"] for r in records if keep(r)]
+        out[f"chosen_change_{kind}"] = statistics.fmean(changes)
+        out[f"n_{kind}"] = len(changes)
+    return out
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -63,7 +86,10 @@ def main() -> None:
     table = {"task_accuracy_before": start.get("accuracy_before"), "pairs_before": start["pairs_before"],
              "n_train_pairs": start["pairs"]["train"], "pair_files": start["pairs"]["files"], "seeds": args.seeds,
              "overrides": args.overrides, "methods": {}}
+    ref_ids = reference_ids(start["pairs"]["files"]["eval"])
     for name, summaries in runs.items():
+        for seed, s in zip(args.seeds, summaries):
+            s["pairs_after"].update(chosen_change_by_kind(args.output / f"{name}_seed{seed}" / "report", ref_ids))
         row = {key: mean_sd([s["pairs_after"][key] for s in summaries]) for key, _ in COLUMNS}
         row["task_accuracy_after"] = mean_sd([s["accuracy_after"] for s in summaries])
         row["train_minutes"] = mean_sd([s["train_minutes"] for s in summaries])
@@ -71,6 +97,8 @@ def main() -> None:
         row["per_seed"] = [{"seed": seed, **{k: s["pairs_after"][k] for k, _ in COLUMNS},
                             "task_accuracy_after": s["accuracy_after"]} for seed, s in zip(args.seeds, summaries)]
         table["methods"][name] = row
+    first_after = runs[args.methods[0]][0]["pairs_after"]
+    table["n_sampled"], table["n_reference"] = first_after["n_sampled"], first_after["n_reference"]
     (args.output / "results.json").write_text(json.dumps(table, indent=2))
     (args.output / "results.md").write_text(markdown(table))
     plots(args, runs)
@@ -80,7 +108,8 @@ def main() -> None:
 def markdown(table: dict) -> str:
     b = table["pairs_before"]
     lines = [f"Start (SmolLM2-135M-Instruct): task accuracy {table['task_accuracy_before']:.3f}; held-out pairs "
-             f"({b['n_pairs']}): mean logp chosen {b['logps/chosen']:.2f}, rejected {b['logps/rejected']:.2f}. "
+             f"({b['n_pairs']}: {table['n_sampled']} sampled, {table['n_reference']} with the reference answer as "
+             f"chosen): mean logp chosen {b['logps/chosen']:.2f}, rejected {b['logps/rejected']:.2f}. "
              f"{table['n_train_pairs']} training pairs; seeds {table['seeds']}; mean +- sd over seeds.", "",
              "| method | " + " | ".join(h for _, h in COLUMNS) + " | task acc. after | steps | train min |",
              "|---|" + "---:|" * (len(COLUMNS) + 3)]
