@@ -271,6 +271,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results = run_eval(args.model[0], suite, args.output, adapter=adapters[0] if adapters else None,
                                base_model=args.base_model, training_log=args.training_log, **common)
             for name, res in results["tasks"].items():
+                if res.get("kind") == "pairs":
+                    print(f"[posttrain] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res["metrics"].items()))
+                    continue
                 acc, se = res["metrics"].get("accuracy"), res["stderr"].get("accuracy")
                 shown = "-" if acc is None else f"{acc:.3f}" + (f" +- {se:.3f}" if se is not None else "")
                 print(f"[posttrain] {name}: accuracy {shown}")

@@ -44,6 +44,9 @@ for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo
 # QAE advantages or Clip-Cov token weights: `method: entropy_control` + `trainer: {advantage: qae}`.
 register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTrainer",
                 "posttrain.trainers.grpo:EntropyControlConfig", "grpo")
+# Preference pairs: TRL's DPOTrainer itself (the baseline), and DPO-Shift.
+register_method("dpo", "trl:DPOTrainer", "posttrain.trainers.dpo:DPOConfig", "dpo")
+register_method("dpo_shift", "posttrain.trainers.dpo:DPOShiftTrainer", "posttrain.trainers.dpo:DPOShiftConfig", "dpo")
 
 
 def get_method(name: str) -> MethodSpec:

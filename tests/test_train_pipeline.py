@@ -19,16 +19,44 @@ TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
 HUB_TASKS = {"gsm8k", "math500", "aime24", "amc23"}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
-    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides.
-    GPU-scale recipes are run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
-    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
-                 "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
-    if load_recipe(recipe).data.train.task in HUB_TASKS:
+def _grpo_smoke(recipe, tmp_path, request) -> list[str]:
+    """GPU-scale recipes run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
+    overrides = ["rollout.max_new_tokens=8", "rollout.engine=hf"]
+    if recipe.data.train.task in HUB_TASKS:
         bench = request.getfixturevalue("benchmarks_dir")  # skips when ../shared/data is absent
         overrides += [f"data.train.path={bench}", "data.train.limit=16", "trainer.per_device_train_batch_size=8",
                       "trainer.gradient_accumulation_steps=1"]
+    return overrides
+
+
+def _dpo_smoke(recipe, tmp_path, request) -> list[str]:
+    """Pairs built from a task: a small build of the same settings; Hub pairs (GPU recipes): 8 local pairs."""
+    train = recipe.data.train
+    if train.build is not None:
+        return [f"data.train.path={tmp_path / 'pairs' / 'train.jsonl'}", "data.train.build.num_prompts=4",
+                "data.train.build.n=3", "data.train.build.max_new_tokens=8"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+                                         "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
+                                         "rejected": [{"role": "assistant", "content": f"{i + 5}, I think"}]}) + "\n"
+                             for i in range(8)))
+    return [f"data.train={{path: {pairs}}}", "trainer.per_device_train_batch_size=4",
+            "trainer.gradient_accumulation_steps=1"]
+
+
+SMOKE = {"grpo": _grpo_smoke, "dpo": _dpo_smoke}  # each kind's overrides beyond the common ones
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
+    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides,
+    plus its kind's smoke overrides (SMOKE: small data, no Hub)."""
+    from posttrain.methods import get_method
+
+    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                 "eval.before=false", "eval.after=false"]
+    plain = load_recipe(recipe)
+    overrides += SMOKE[get_method(plain.method).kind](plain, tmp_path, request)
     r = load_recipe(recipe, overrides)
     result = run_recipe(r)
     state = json.loads((tmp_path / "trainer_state.json").read_text())

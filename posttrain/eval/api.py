@@ -121,19 +121,23 @@ def run_eval(
     """Load `model` (+ `adapter`, unmerged) onto `device` (`auto`: the GPU when there is one) and evaluate it on
     `suite`; see the module docstring.
 
-    KL from the base model (suite entries with `kl_to_base: true`) compares with `base_model`, or, for an
-    adapter, with the same model with its adapter disabled."""
+    KL from the base model (suite entries with `kl_to_base: true`) and the log-prob changes of preference pairs
+    (`kind: pairs` entries) compare with `base_model`, or, for an adapter, with the same model with its adapter
+    disabled."""
     s = resolve_suite(suite, n=n, temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, seed=seed)
     device = resolve_device(device)
     net, tokenizer = _load(model, adapter, dtype, device)
+    base = None  # the reference of KL and of preference pairs (else: the adapter disabled)
+    if base_model is not None and any(t.kl_to_base or t.kind == "pairs" for t in s.tasks):
+        from posttrain.models import load_model
+
+        base = load_model(base_model, dtype=dtype).to(device).eval()
     kl = None
     if any(t.kl_to_base for t in s.tasks):
         from posttrain.eval.kl import BaseKL
 
-        if base_model is not None:
-            from posttrain.models import load_model
-
-            kl = BaseKL(net, load_model(base_model, dtype=dtype).to(device).eval())
+        if base is not None:
+            kl = BaseKL(net, base)
         elif adapter is not None:
             kl = BaseKL(net)
     eng = make_engine(engine, net, tokenizer, batch_size=batch_size)
@@ -145,7 +149,7 @@ def run_eval(
     history = read_log_history(training_log) if training_log else None
     return evaluate(eng, tokenizer, s, output_dir, model_info=info, config=config, kl_scorer=kl, hf_model=net,
                     log_history=history, data_dir=data_dir, paths=paths, resume=resume, progress=progress,
-                    chunk_size=batch_size, tasks=tasks)
+                    chunk_size=batch_size, tasks=tasks, reference_model=base)
 
 
 def run_forgetting(

@@ -30,7 +30,8 @@ __all__ = ["EvalCallback", "EntropyCollapseWarning", "add_eval_callback"]
 logger = logging.getLogger(__name__)
 
 # the metrics logged per task (the rest stays in the per-step results files)
-_LOGGED = ("accuracy", "pass@1", "entropy/mean", "entropy/top20_mean", "length/mean", "unique_answers", "kl_base")
+_LOGGED = ("accuracy", "pass@1", "entropy/mean", "entropy/top20_mean", "length/mean", "unique_answers", "kl_base",
+           "logps/chosen", "logps/rejected", "logps/chosen_change", "reward_accuracy")  # the last: `kind: pairs`
 
 
 class EntropyCollapseWarning(UserWarning):
@@ -181,7 +182,7 @@ def _check_tasks(suites: Sequence[Suite]) -> None:
 
     for suite in suites:
         for t in suite.tasks:
-            if t.lm_eval is None:
+            if t.lm_eval is None and t.kind != "pairs":
                 options = {**t.options, **{k: getattr(t, k) for k in ("system_prompt", "instruction") if getattr(t, k)}}
                 get_task(t.task_name, **options)
 

@@ -372,12 +372,15 @@ def evaluate_suite(
     kl_scorer: KLScorer | None = None,
     hf_model: Any = None,
     tasks: Sequence[str] | None = None,
+    reference_model: Any = None,
 ) -> dict[str, Any]:
     """Evaluate every task of `suite` (or only `tasks`), writing `samples_<task>.jsonl` into `output_dir`.
 
     Returns `{"tasks": {name: {"metrics", "stderr", "info", ...}}, "entropies": {name: [...]}}`; the
     token entropies are kept for the histograms and left out of results.json. lm-evaluation-harness
-    entries need `hf_model` (the transformers model, PEFT adapter attached or not).
+    entries need `hf_model` (the transformers model, PEFT adapter attached or not), and so do `kind: pairs`
+    entries, whose reference is `reference_model`, else `hf_model` with its adapter disabled (their per-pair
+    log-probs go to `results["pair_logps"]`, for the plots).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,6 +390,14 @@ def evaluate_suite(
         if tasks is not None and entry.name not in tasks:
             continue
         samples = out / f"samples_{entry.name}.jsonl"
+        if entry.kind == "pairs":
+            from posttrain.eval.preference import evaluate_pair_entry
+
+            res = evaluate_pair_entry(hf_model, tokenizer, entry, resolve_path(entry, data_dir, paths), samples,
+                                      reference_model=reference_model, batch_size=chunk_size)
+            results.setdefault("pair_logps", {})[entry.name] = res.pop("logps")
+            results["tasks"][entry.name] = res
+            continue
         if entry.lm_eval is not None:
             from posttrain.eval.lm_eval_backend import evaluate_lm_eval_task
 

@@ -1,5 +1,6 @@
 """PNG plots for evaluation reports: pass@k curves, token-entropy histograms, training curves with
-the entropy-performance law, and the continual-learning accuracy matrix.
+the entropy-performance law, the continual-learning accuracy matrix, and the chosen / rejected log-probability
+distributions of preference pairs.
 
 Each function writes one PNG (creating parent folders) and returns its path. The Agg backend is
 selected on import so that plotting works on headless training nodes.
@@ -26,6 +27,7 @@ from posttrain.eval.metrics import entropy_stats, fit_entropy_law  # noqa: E402
 __all__ = [
     "plot_accuracy_matrix",
     "plot_entropy_histogram",
+    "plot_pair_logps",
     "plot_pass_at_k",
     "plot_training_curves",
 ]
@@ -230,4 +232,29 @@ def plot_accuracy_matrix(
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("training stage i")
     ax.set_title("Accuracy matrix a[i][j]")
+    return _save(fig, path)
+
+
+def plot_pair_logps(panels: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: PathLike,
+                    bins: int = 30) -> Path:
+    """Histograms of the chosen and the rejected responses' sequence log-probabilities, one panel per model
+    (e.g. {"before": (chosen, rejected), "after": ...}) on one shared x-axis: the picture of DPO-Shift's Figure 1,
+    where DPO moves both distributions down and DPO-Shift keeps the chosen one up. Medians are marked.
+
+    Raises ``ValueError`` when there is no panel or a panel has no pairs.
+    """
+    if not panels or any(len(c) == 0 or len(r) == 0 for c, r in panels.values()):
+        raise ValueError("plot_pair_logps: every panel needs chosen and rejected log-probabilities")
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for c, r in panels.values() for v in (c, r)])
+    edges = np.linspace(values.min(), values.max(), bins + 1) if values.max() > values.min() else bins
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.0 + 2.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (label, (chosen, rejected)) in zip(axes[:, 0], panels.items()):
+        for data, name, color in ((chosen, "chosen", "tab:green"), (rejected, "rejected", "tab:red")):
+            arr = np.asarray(data, dtype=np.float64)
+            ax.hist(arr, bins=edges, color=color, alpha=0.5, label=f"{name} (median {np.median(arr):.1f})")
+            ax.axvline(float(np.median(arr)), color=color, linestyle="--")
+        ax.set_title(f"{label} ({len(chosen)} pairs)", fontsize=10)
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("sequence log-probability log pi(y | x)")
     return _save(fig, path)

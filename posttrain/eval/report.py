@@ -60,10 +60,10 @@ def _finite(obj: Any) -> Any:
 
 
 def write_results(output_dir: str | Path, results: Mapping[str, Any]) -> Path:
-    """results.json (everything but the raw token entropies) and results.md."""
+    """results.json (everything but the raw token entropies and pair log-probs) and results.md."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {k: v for k, v in results.items() if k != "entropies"}
+    payload = {k: v for k, v in results.items() if k not in ("entropies", "pair_logps")}
     payload.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     payload.setdefault("versions", versions())
     path = out / "results.json"
@@ -149,6 +149,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     header = ["task", "prompts", "n"] + [h for _, h in _COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, res in tasks.items():
+        if res.get("kind") == "pairs":  # listed below, with their own metrics
+            continue
         m, se = res.get("metrics", {}), res.get("stderr", {})
         cells = [name, _fmt(m.get("n_prompts")), _fmt(m.get("n"))]
         for key, _ in _COLUMNS:
@@ -157,6 +159,13 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                 value = None
             cells.append(_fmt(value, se.get(real)))
         lines.append("| " + " | ".join(cells) + " |")
+    pairs = [(n, r["metrics"]) for n, r in tasks.items() if r.get("kind") == "pairs"]
+    if pairs:
+        lines += ["", "Preference pairs (log-probs summed over the response; change = minus the reference's):", ""]
+        for name, m in pairs:
+            parts = [f"{k} = {_fmt(m[k])}" for k in ("n_pairs", "logps/chosen", "logps/rejected", "logps/chosen_change",
+                                                     "logps/rejected_change", "reward_accuracy", "margin") if k in m]
+            lines.append(f"- {name}: " + ", ".join(parts))
     lm = [(n, r) for n, r in tasks.items() if r.get("backend") == "lm-eval"]
     if lm:
         lines += ["", "lm-evaluation-harness tasks (their own metrics):", ""]
@@ -207,7 +216,7 @@ def read_log_history(path: str | Path) -> list[dict[str, Any]]:
 def write_plots(output_dir: str | Path, results: Mapping[str, Any],
                 log_history: Sequence[Mapping[str, Any]] | None = None) -> list[Path]:
     """Every plot the results allow; returns the written paths."""
-    from posttrain.eval.plots import plot_entropy_histogram, plot_pass_at_k, plot_training_curves
+    from posttrain.eval.plots import plot_entropy_histogram, plot_pair_logps, plot_pass_at_k, plot_training_curves
 
     out = Path(output_dir)
     written: list[Path] = []
@@ -222,6 +231,9 @@ def write_plots(output_dir: str | Path, results: Mapping[str, Any],
     for name, tokens in (results.get("entropies") or {}).items():
         if len(tokens):
             written.append(plot_entropy_histogram(tokens, out / f"entropy_{name}.png"))
+    for name, logps in (results.get("pair_logps") or {}).items():
+        panels = {"reference": logps["reference"]} if logps.get("reference") is not None else {}
+        written.append(plot_pair_logps({**panels, "model": logps["policy"]}, out / f"pairs_{name}.png"))
     if log_history:
         keys = [k for k in ("reward", "entropy/mean") if any(k in h for h in log_history)]
         keys += sorted({k for h in log_history for k in h if k.startswith("eval/") and k.endswith("/accuracy")})

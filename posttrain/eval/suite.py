@@ -13,6 +13,7 @@ key path (`tasks[2].sampling.n`), with the same checker that validates recipes.
       - {name: aime24, sampling: {n: 8}}
       - {name: sst2, task: classification, path: ../continual/sst2}
       - {name: hellaswag, lm_eval: hellaswag}    # lm-evaluation-harness, HF backend
+      - {name: heldout_pairs, kind: pairs, path: pairs.jsonl}   # preference pairs: log-prob metrics
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = ["SamplingSpec", "SuiteTask", "Suite", "SuiteError", "load_suite", "su
            "EVAL_DIR"]
 
 Format = Literal["chat", "plain"]
+EntryKind = Literal["generate", "pairs"]
 
 
 class SuiteError(RecipeError):
@@ -63,6 +65,9 @@ class SuiteTask:
     _shorthand: ClassVar[str] = "name"
 
     name: str  # the result key and file name (samples_<name>.jsonl); the task's registry name by default
+    # generate: sample and grade a task's prompts; pairs: the preference pairs (TRL's formats) in the JSONL file at
+    # `path`: log-probs of chosen and rejected, their change from the reference, reward accuracy (eval/preference.py)
+    kind: EntryKind = "generate"
     task: str | None = None  # registered task (posttrain.data); default: `name`
     lm_eval: str | None = None  # an lm-evaluation-harness task name instead of a registered task
     path: str | None = None  # local JSONL / folder; relative paths resolve against --data-dir
@@ -176,7 +181,11 @@ def _check_semantics(suite: Suite, errors: list[str]) -> None:
         seen.add(t.name)
         if "/" in t.name or t.name.startswith("."):
             errors.append(f"{where}.name: {t.name!r} is used in file names; no '/' and no leading '.'")
-        if t.lm_eval is not None:
+        if t.kind == "pairs":
+            if t.lm_eval is not None or t.kl_to_base:
+                errors.append(f"{where}: a 'pairs' entry reads the preference pairs at its path (or --path); it takes "
+                              "no lm_eval and no kl_to_base")
+        elif t.lm_eval is not None:
             if t.task is not None:
                 errors.append(f"{where}: set either 'task' (a posttrain task) or 'lm_eval' (an lm-eval task), not both")
             if t.kl_to_base:
@@ -193,7 +202,7 @@ def _check_semantics(suite: Suite, errors: list[str]) -> None:
                               f"{t.extractor!r} choose a grader such as 'math', 'exact' or 'choice'")
         if t.sampling.temperature == 0 and t.sampling.n > 1:
             errors.append(f"{where}.sampling: n={t.sampling.n} with temperature 0 (greedy) gives identical samples")
-    if suite.kind == "continual" and any(t.lm_eval is not None for t in suite.tasks):
+    if suite.kind == "continual" and any(t.lm_eval is not None or t.kind == "pairs" for t in suite.tasks):
         errors.append("kind: a continual suite's tasks must be posttrain tasks (the forgetting matrix grades them)")
 
 

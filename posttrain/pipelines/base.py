@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from posttrain.methods import MethodSpec
 
 __all__ = ["Pipeline", "RunContext", "RunOutcome", "COMMON_OWNED_KEYS", "base_trainer_kwargs", "load_task",
-           "evaluate_task_accuracy", "peft_config", "train_and_save", "write_report", "on_gpu"]
+           "evaluate_task_accuracy", "peft_config", "to_accelerator", "train_and_save", "write_report", "on_gpu"]
 
 # Trainer keys every kind owns elsewhere in the recipe.
 COMMON_OWNED_KEYS: dict[str, str] = {"output_dir": "output_dir (top level)", "seed": "seed (top level)"}
@@ -165,14 +165,18 @@ def evaluate_task_accuracy(model: Any, tokenizer: Any, recipe: Recipe, task: Any
                               max_new_tokens=ev.max_new_tokens or max_new_tokens or recipe.rollout.max_new_tokens,
                               top_p=top_p, seed=recipe.seed, entropies=True)
     if engine is None:
-        import torch
-
-        if torch.cuda.is_available() and model.device.type == "cpu":
-            # before training the model is still where from_pretrained left it; the trainer moves it to the
-            # accelerator anyway, so evaluate there (same numerics as the evaluation after training)
-            model.to(f"cuda:{torch.cuda.current_device()}")
-        engine = HFEngine(model, tokenizer, batch_size=ev.batch_size)
+        engine = HFEngine(to_accelerator(model), tokenizer, batch_size=ev.batch_size)
     return evaluate_task(engine, tokenizer, task, dataset, sampling, path, chunk_size=ev.batch_size)
+
+
+def to_accelerator(model: Any) -> Any:
+    """The model on the GPU when there is one. Before training it is still where from_pretrained left it; the
+    trainer moves it to the accelerator anyway, so evaluate there (same numerics as the evaluation after)."""
+    import torch
+
+    if torch.cuda.is_available() and model.device.type == "cpu":
+        model.to(f"cuda:{torch.cuda.current_device()}")
+    return model
 
 
 def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_dir: Path | None = None) -> None:

@@ -1,0 +1,59 @@
+"""DPO-Shift in two real processes (torchrun, gloo on CPU) trains exactly like one process on the same global
+batch: the loss is a mean over pairs, DDP averages the gradients, TRL gathers the logged metrics, and f depends on
+the optimizer step only. Through `posttrain train` (the dpo pipeline) with LoRA and plain SGD (so that float
+rounding of the gradients is not amplified by Adam's g / sqrt(v))."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = ["loss", "dpo_shift/f", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+        "logps/chosen", "logps/rejected"]
+
+
+def _pairs(path: Path) -> Path:
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {a + 2}?"}],
+             "chosen": [{"role": "assistant", "content": f"The answer is {2 * a + 2}."}],
+             "rejected": [{"role": "assistant", "content": f"{3 * a + 7}, probably not {a}."}]} for a in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run(nproc: int, out: Path, pairs: Path, port: int) -> tuple[list[dict], dict]:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "posttrain", "train",
+           "recipes/dpo/dpo_shift_linear.yaml", "model.name_or_path=tiny-qwen2", f"data.train={pairs}",
+           "data.eval=null", "data.task=null", "eval.before=false", "eval.after=false", "trainer.max_steps=3",
+           f"trainer.per_device_train_batch_size={8 // nproc}", "trainer.optim=sgd", "trainer.learning_rate=0.5",
+           f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("resolved recipe") == 1  # printed by rank 0 only
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h for h in history if "loss" in h], load_file(out / "adapter_model.safetensors")
+
+
+@pytest.mark.multiproc
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    pairs = _pairs(tmp_path / "pairs.jsonl")  # 8 pairs = one global batch of 8: every step sees all of them
+    one, w_one = _run(1, tmp_path / "one", pairs, 29541)
+    two, w_two = _run(2, tmp_path / "two", pairs, 29542)
+    assert len(one) == len(two) == 3
+    assert [h["dpo_shift/f"] for h in one] == pytest.approx([0.75, 0.75 + 0.25 / 3, 0.75 + 0.5 / 3])
+    for a, b in zip(one, two):
+        for k in KEYS:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert one[-1]["rewards/margins"] > 0  # it trained
+    assert w_one.keys() == w_two.keys()
+    for n in w_one:
+        assert torch.allclose(w_one[n], w_two[n], atol=1e-6), (n, (w_one[n] - w_two[n]).abs().max().item())
