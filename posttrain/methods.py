@@ -44,6 +44,10 @@ for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo
 # QAE advantages or Clip-Cov token weights: `method: entropy_control` + `trainer: {advantage: qae}`.
 register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTrainer",
                 "posttrain.trainers.grpo:EntropyControlConfig", "grpo")
+# Reward models on preference pairs, and ensembles of them (kind `reward`, posttrain.pipelines.reward).
+register_method("reward", "posttrain.trainers.reward:RewardTrainer", "posttrain.trainers.reward:RewardConfig", "reward")
+register_method("reward_ensemble", "posttrain.trainers.reward:RewardTrainer",
+                "posttrain.trainers.reward:RewardEnsembleConfig", "reward")
 
 
 def get_method(name: str) -> MethodSpec:

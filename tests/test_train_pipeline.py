@@ -19,20 +19,36 @@ TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
 HUB_TASKS = {"gsm8k", "math500", "aime24", "amc23"}
 
 
+# Each kind's recipes run with its own smoke overrides besides the shared ones (model, max_steps, output_dir).
+SMOKE_OVERRIDES = {
+    "grpo": ["eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"],
+    "reward": ["data.eval=null"],  # training pairs are built from the tiny model on first use, then cached
+}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
     """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides.
     GPU-scale recipes are run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
+    from posttrain.methods import get_method
+
+    raw = load_recipe(recipe)
+    kind = get_method(raw.method).kind
     overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
-                 "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
-    if load_recipe(recipe).data.train.task in HUB_TASKS:
+                 *SMOKE_OVERRIDES[kind]]
+    if kind == "grpo" and raw.data.train.task in HUB_TASKS:
         bench = request.getfixturevalue("benchmarks_dir")  # skips when ../shared/data is absent
         overrides += [f"data.train.path={bench}", "data.train.limit=16", "trainer.per_device_train_batch_size=8",
                       "trainer.gradient_accumulation_steps=1"]
+    for i, reward in enumerate(raw.rewards):
+        if reward.name == "rm_ensemble":  # a reward-model ensemble to score with: a tiny one, trained once
+            from tests.trainers.reward_setting import trained_ensemble
+
+            overrides.append(f"rewards.{i}.options.path={trained_ensemble('heads')}")
     r = load_recipe(recipe, overrides)
     result = run_recipe(r)
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["global_step"] == 1
+    states = sorted(tmp_path.rglob("trainer_state.json"))  # one per trained model: an ensemble has one per member
+    assert states and all(json.loads(s.read_text())["global_step"] == 1 for s in states)
     assert (tmp_path / "recipe.yaml").is_file()
     assert load_recipe(tmp_path / "recipe.yaml") == r  # the saved resolved recipe round-trips
     assert result.summary["steps"] == 1
