@@ -70,7 +70,7 @@ class Member:
 
 @dataclass
 class RewardPrepared:
-    config_class: type
+    config: Any  # the trainer config as the recipe gives it; each member's copies it with its seed and folder
     config_kwargs: dict[str, Any]
     members: list[Member]
     train_ds: Any
@@ -151,7 +151,7 @@ class RewardPipeline(Pipeline):
         if recipe.data.eval is not None:
             eval_ds, summary["eval_from"] = _pairs(recipe.data.eval, recipe, recipe.eval.limit)
             summary["eval_pairs"] = len(eval_ds)
-        return RewardPrepared(config_class, kwargs, members, train_ds, eval_ds, summary)
+        return RewardPrepared(config, kwargs, members, train_ds, eval_ds, summary)
 
     def load(self, ctx: RunContext) -> tuple[Any, Any]:
         """The base as a sequence-classification model with a one-output head, and its tokenizer."""
@@ -167,13 +167,15 @@ class RewardPipeline(Pipeline):
 
     def run(self, ctx: RunContext, p: RewardPrepared) -> RunOutcome:
         from posttrain.rewards.ensemble import EnsembleManifest
+        from posttrain.trainers.reward import FeatureHeadModel
 
         recipe = ctx.recipe
-        form = p.config_kwargs.get("form", "full")
+        form = p.config.form
         summary: dict[str, Any] = {"method": recipe.method, "model": recipe.model.name_or_path, "form": form,
                                    "k": len(p.members), "seeds": [m.seed for m in p.members], **p.data_summary}
         history: list[dict[str, Any]] = []
         base, pristine = ctx.model, True
+        cache = self._feature_cache(ctx, p, summary) if p.config.uses_feature_cache else None
         for member in p.members:
             done = member.folder / MEMBER_FILE
             if ctx.resume and done.is_file() and len(p.members) > 1:
@@ -183,13 +185,18 @@ class RewardPipeline(Pipeline):
             if form == "full" and not pristine:
                 base = self.load(ctx)[0]  # every full member starts from the pretrained weights
             pristine = form != "full"
-            record, log, trained = self._train_member(ctx, p, member, base, form)
+            if cache is not None:  # heads on the frozen base's features, computed once for every member
+                model, data = FeatureHeadModel.on(cache[0], base.config), cache[1:]
+            else:
+                model, data = base, (p.train_ds, p.eval_ds)
+            record, log, trained = self._train_member(ctx, p, member, model, data)
             summary.setdefault("members", []).append(record)
             history += [{**h, "member": member.index} for h in log]
             if form == "lora":
                 base = trained.unload()  # the shared base again, this member's adapter removed
         summary["steps"] = summary["members"][-1]["steps"]
-        summary["train_minutes"] = sum(m["train_minutes"] for m in summary["members"])
+        summary["train_minutes"] = sum(m["train_minutes"] for m in summary["members"]) + summary.get(
+            "feature_minutes", 0.0)
         summary["peak_rss_gb"] = _peak_rss_gb()
         if ctx.is_main:
             folder = ctx.output_dir
@@ -205,18 +212,19 @@ class RewardPipeline(Pipeline):
         return RunOutcome(summary=summary, log_history=history)
 
     def _train_member(self, ctx: RunContext, p: RewardPrepared, member: Member, model: Any,
-                      form: str) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-        """Train one member on `model`; (its record, its log history, the trained model: a PeftModel for lora)."""
+                      data: tuple[Any, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+        """Train one member on `model` with `data` (train, eval pairs); (its record, its log history, the trained
+        model: a PeftModel for lora)."""
         from transformers.trainer_utils import get_last_checkpoint
 
         from posttrain.trainers.reward import init_reward_head
 
-        recipe = ctx.recipe
+        recipe, form = ctx.recipe, p.config.form
         init_reward_head(model, member.seed)  # TRL's RewardTrainer seeds the rest (LoRA init) with config.seed
-        config = p.config_class(**{**p.config_kwargs, "seed": member.seed, "output_dir": str(member.folder)})
+        config = type(p.config)(**{**p.config_kwargs, "seed": member.seed, "output_dir": str(member.folder)})
         trainer = ctx.method.trainer_class()(
-            model=model, args=config, train_dataset=p.train_ds, processing_class=ctx.tokenizer,
-            eval_dataset=p.eval_ds if config.eval_strategy != "no" else None,
+            model=model, args=config, train_dataset=data[0], processing_class=ctx.tokenizer,
+            eval_dataset=data[1] if config.eval_strategy != "no" else None,
             peft_config=_lora_config(recipe) if form == "lora" else None)
         resume = ctx.resume
         if len(p.members) > 1:  # per member: its last checkpoint, if it has one
@@ -233,6 +241,41 @@ class RewardPipeline(Pipeline):
         if ctx.is_main:
             (member.folder / MEMBER_FILE).write_text(json.dumps(record, indent=2))
         return record, list(trainer.state.log_history), trainer.accelerator.unwrap_model(trainer.model)
+
+    def _feature_cache(self, ctx: RunContext, p: RewardPrepared, summary: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """(feature table [N, H], train pairs, eval pairs) for heads members: every response of the (train, eval)
+        pairs that TRL's max_length filter keeps, through the frozen base once; the pairs as row indices."""
+        import time
+
+        from datasets import Dataset
+
+        from posttrain.rewards.ensemble import reward_input_ids
+        from posttrain.trainers.reward import head_features
+
+        tokenizer, max_length = ctx.tokenizer, p.config.max_length
+        seqs: list[list[int]] = []
+        indexed: list[Any] = []
+        for ds in (p.train_ds, p.eval_ds):
+            if ds is None:
+                indexed.append(None)
+                continue
+            chosen = reward_input_ids(tokenizer, ds["prompt"], ds["chosen"])
+            rejected = reward_input_ids(tokenizer, ds["prompt"], ds["rejected"])
+            keep = [i for i in range(len(ds))
+                    if max_length is None or max(len(chosen[i]), len(rejected[i])) <= max_length]
+            start, n = len(seqs), len(keep)
+            seqs += [chosen[i] for i in keep] + [rejected[i] for i in keep]
+            columns: dict[str, list[Any]] = {"chosen_ids": [[start + j] for j in range(n)],
+                                             "rejected_ids": [[start + n + j] for j in range(n)]}
+            if "margin" in ds.column_names:
+                columns["margin"] = [ds[i]["margin"] for i in keep]
+            indexed.append(Dataset.from_dict(columns))
+        t0 = time.perf_counter()
+        base = ctx.model.to("cuda") if on_gpu() else ctx.model
+        print(f"[posttrain] heads form: features of {len(seqs)} responses through the frozen base, once", flush=True)
+        table = head_features(base, seqs, tokenizer.pad_token_id, batch_size=p.config.per_device_eval_batch_size)
+        summary["feature_minutes"] = (time.perf_counter() - t0) / 60
+        return table, indexed[0], indexed[1]
 
     def _evaluate(self, ctx: RunContext, p: RewardPrepared) -> dict[str, Any]:
         from posttrain.rewards.ensemble import RewardEnsemble

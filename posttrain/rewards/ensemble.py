@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ENSEMBLE_FILE", "FORMS", "HEAD_FILE", "EnsembleManifest", "RewardEnsemble", "load_reward_model",
-           "load_head", "reward_head", "reward_input_ids", "save_head", "rm_ensemble"]
+           "load_head", "pooled_outputs", "reward_head", "reward_input_ids", "save_head", "rm_ensemble"]
 
 ENSEMBLE_FILE = "ensemble.json"
 HEAD_FILE = "head.safetensors"
@@ -173,6 +173,32 @@ def reward_input_ids(tokenizer: Any, prompts: Sequence[Any], completions: Sequen
     return [list(ids) for ids in tokenizer(texts)["input_ids"]]
 
 
+def pooled_outputs(fn: Any, ids: Sequence[Sequence[int]], pad_token_id: int, device: Any,
+                   batch_size: int) -> torch.Tensor:
+    """[N, D] float32: `fn(input_ids, attention_mask) -> [B, D]` over N token sequences, `batch_size` at a time,
+    longest first (least padding), padded on the right; rows in input order. No gradient."""
+    import torch
+
+    n = len(ids)
+    order = sorted(range(n), key=lambda i: -len(ids[i]))
+    parts: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            width = len(ids[rows[0]])
+            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                input_ids[j, : len(ids[i])] = torch.as_tensor(ids[i])
+                attention[j, : len(ids[i])] = 1
+            parts.append(fn(input_ids.to(device), attention.to(device)).float().cpu())
+    if not parts:
+        return torch.empty(0, 0)
+    out = torch.empty(n, parts[0].shape[1])
+    out[torch.as_tensor(order)] = torch.cat(parts)
+    return out
+
+
 # --- the ensemble -----------------------------------------------------------------------------------------
 
 
@@ -267,25 +293,10 @@ class RewardEnsemble:
         """[K, N] float32 scores of N token sequences (any order; longest batched first, results in input order)."""
         import torch
 
-        n = len(ids)
-        out = torch.empty(self.k, n, dtype=torch.float32)
-        if n == 0:
-            return out
-        size = batch_size or self.batch_size
-        order = sorted(range(n), key=lambda i: -len(ids[i]))
-        pad, device = self.tokenizer.pad_token_id, self.device
-        with torch.inference_mode():
-            for start in range(0, n, size):
-                rows = order[start : start + size]
-                width = len(ids[rows[0]])
-                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    input_ids[j, : len(ids[i])] = torch.as_tensor(ids[i])
-                    attention[j, : len(ids[i])] = 1
-                scores = self._forward(input_ids.to(device), attention.to(device))
-                out[:, torch.as_tensor(rows)] = scores.float().cpu()
-        return out
+        if not ids:
+            return torch.empty(self.k, 0)
+        return pooled_outputs(lambda i, a: self._forward(i, a).T, ids, self.tokenizer.pad_token_id, self.device,
+                              batch_size or self.batch_size).T
 
     def scores(self, prompts: Sequence[Any], completions: Sequence[Any], batch_size: int | None = None) -> torch.Tensor:
         """[K, N]: every member's score of each (prompt, completion); strings or chat messages, as in training."""

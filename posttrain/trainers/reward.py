@@ -10,20 +10,30 @@ the `reward` pipeline (posttrain.pipelines.reward), each with this trainer and i
 
 What `RewardTrainer` changes in TRL, at the narrowest hooks: in the `heads` form it freezes everything but the head
 before TRL builds the optimizer, and `_save` / `_load_from_checkpoint` write and read only the head.
+
+Heads on cached features (`cache_features`, the default of the `heads` form): the frozen base is deterministic, so
+its pooled last hidden state of every response is computed once (`head_features`) and every member's head trains on
+that table (`FeatureHeadModel`) instead of running the base K x epochs times. The trainer then sees each response as
+one "token": the index of its row in the table. Same loss, same data order and head initialisation per seed, the same
+head as training with the base in the loop (up to float rounding); K members cost one forward pass over the data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import trl
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-from posttrain.rewards.ensemble import FORMS, HEAD_FILE, load_head, reward_head, save_head
+from posttrain.rewards.ensemble import FORMS, HEAD_FILE, load_head, pooled_outputs, reward_head, save_head
 
-__all__ = ["RewardConfig", "RewardEnsembleConfig", "RewardTrainer", "init_reward_head"]
+__all__ = ["FeatureHeadModel", "RewardConfig", "RewardEnsembleConfig", "RewardTrainer", "head_features",
+           "init_reward_head"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -40,10 +50,20 @@ class RewardConfig(trl.RewardConfig):
                        "heads: only the linear reward head on the frozen base."),
     )
 
+    cache_features: bool = field(
+        default=True,
+        metadata=_help("heads form: run the frozen base once over the pairs and train every head on its features "
+                       "(exact; needs disable_dropout, the default). false: the base runs in every training step."),
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return self.form == "heads" and self.cache_features and self.disable_dropout
 
 
 @dataclass
@@ -77,6 +97,51 @@ def init_reward_head(model: Any, seed: int) -> None:
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
         if getattr(head, "bias", None) is not None:
             head.bias.zero_()
+
+
+def head_features(model: Any, ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
+    """[N, H] float32: the sequence-classification `model`'s pooled last hidden state of each token sequence, i.e. the
+    input of its reward head at the token the head scores (the last non-pad token)."""
+    name, head = reward_head(model)
+    setattr(model, name, torch.nn.Identity())  # the model then pools the hidden states instead of the scores
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return pooled_outputs(lambda i, a: model(input_ids=i, attention_mask=a).logits, ids, pad_token_id, device,
+                              batch_size)
+    finally:
+        setattr(model, name, head)
+        model.train(was_training)
+
+
+class FeatureHeadModel(PreTrainedModel):
+    """A linear reward head over a fixed feature table: `input_ids [B, 1]` are row indices into `features [N, H]`
+    (what a RewardTrainer data collator gives for one-id "sequences"), logits = score(features[ids]) `[B, 1]`."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "feature_head"
+
+    def __init__(self, config: PretrainedConfig, features: torch.Tensor):
+        super().__init__(config)
+        self.register_buffer("features", features, persistent=False)
+        self.score = torch.nn.Linear(features.shape[1], 1, bias=False)
+        self.post_init()
+
+    @classmethod
+    def on(cls, features: torch.Tensor, base_config: Any) -> FeatureHeadModel:
+        """A head model over `features` with the base's head initialisation scale."""
+        text = base_config.get_text_config()
+        config = PretrainedConfig(num_labels=1, hidden_size=features.shape[1],
+                                  initializer_range=getattr(text, "initializer_range", 0.02))
+        return cls(config, features)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to checkpoint: the base ran once, before training."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.score(self.features[input_ids[:, 0]]))
 
 
 class RewardTrainer(trl.RewardTrainer):

@@ -109,6 +109,20 @@ def test_an_ensemble_member_equals_a_single_reward_model_with_its_seed(tmp_path,
     assert torch.allclose(member, single, atol=1e-6)
 
 
+def test_heads_on_cached_features_equal_heads_trained_with_the_base_in_the_loop(tmp_path):
+    result = run_recipe(recipe(tmp_path / "loop", "heads", trainer={"cache_features": False}, eval={"after": False}))
+    assert "feature_minutes" not in result.summary
+    cached_folder = trained_ensemble("heads")
+    assert "feature_minutes" in json.loads((cached_folder / "report" / "summary.json").read_text())
+    cached = RewardEnsemble.from_pretrained(cached_folder).scores(PROMPTS, COMPLETIONS)
+    loop = RewardEnsemble.from_pretrained(tmp_path / "loop").scores(PROMPTS, COMPLETIONS)
+    assert torch.allclose(cached, loop, atol=1e-5)
+    for k in range(2):
+        a = load_file(cached_folder / f"member_{k}" / HEAD_FILE)["weight"]
+        b = load_file(tmp_path / "loop" / f"member_{k}" / HEAD_FILE)["weight"]
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_single_reward_model_is_a_plain_trl_folder_and_a_one_member_ensemble(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
