@@ -61,18 +61,26 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_preferences(args: argparse.Namespace) -> int:
+def _task_options(items: list[str] | None) -> dict | None:
+    """`--option KEY=VALUE` items (values read as YAML) as a dict; None (after printing why) when one is malformed."""
     import yaml
 
-    from posttrain.data.preferences import PairBuildSpec, build_preference_pairs
-
     options = {}
-    for item in args.option or []:
+    for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
             print(f"posttrain: error: --option expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            return None
         options[key] = yaml.safe_load(value)
+    return options
+
+
+def _cmd_data_preferences(args: argparse.Namespace) -> int:
+    from posttrain.data.preferences import PairBuildSpec, build_preference_pairs
+
+    options = _task_options(args.option)
+    if options is None:
+        return 2
     build = PairBuildSpec(task=args.task, options=options, split=args.split, path=args.path,
                           num_prompts=args.num_prompts, n=args.n, temperature=args.temperature, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, max_pairs_per_prompt=args.max_pairs_per_prompt,
@@ -136,17 +144,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_bon(args: argparse.Namespace) -> int:
-    import yaml
-
     from posttrain.eval.bon import run_bon
 
-    options = {}
-    for item in args.option or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            print(f"posttrain: error: --option expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        options[key] = yaml.safe_load(value)
+    options = _task_options(args.option)
+    if options is None:
+        return 2
     try:
         results = run_bon(args.model, args.ensemble, args.output, task=args.task, options=options, split=args.split,
                           path=args.path, limit=args.limit, adapter=args.adapter, engine=args.engine, gold=args.gold,
