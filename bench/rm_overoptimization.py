@@ -11,7 +11,7 @@ then
 Gold: 1 if the answer is right (the task's grader) + 0.5 if it is in \\boxed{} - 0.5 * min(1, characters / 160):
 correctness, a format term and a brevity term, so a proxy that learns the easy terms can disagree with gold.
 
-    flock /tmp/posttrain-heavy.lock python bench/rm_overoptimization.py --out runs/rm_overopt          # all stages
+    flock /tmp/posttrain-heavy.lock env OMP_NUM_THREADS=1 python bench/rm_overoptimization.py --out runs/rm_overopt
     python bench/rm_overoptimization.py --out runs/rm_overopt --stages bon grpo     # later stages reuse earlier ones
     python bench/rm_overoptimization.py --out /tmp/ov --small                       # tiny-qwen2 smoke, a minute
 
@@ -198,13 +198,13 @@ def main() -> None:
     big = not a.small
     a.model = "smollm2-135m-instruct" if big else "tiny-qwen2"
     a.task_options = {"min_value": 1, "max_value": 20}
-    a.sample_dtype = "bfloat16" if big else "float32"  # the CPU has avx512_bf16: about 7x the float32 throughput
-    a.rm_dtype = "bfloat16" if big else "float32"
-    a.max_new_tokens = 40 if big else 8
-    a.pair_prompts, a.eval_prompts = (256, 64) if big else (16, 8)
+    a.sample_dtype = "float32"  # the policy as it trains; decoding is as fast in bfloat16 on these CPUs
+    a.rm_dtype = "bfloat16" if big else "float32"  # scoring is prefill: several times faster in bfloat16 (avx512_bf16)
+    a.max_new_tokens = 32 if big else 8
+    a.pair_prompts, a.eval_prompts = (128, 32) if big else (16, 8)
     a.epochs, a.head_lr, a.lora_lr = (3, 1e-3, 1e-4) if big else (1, 1e-3, 1e-4)
-    a.bon_prompts, a.n = (48, 64) if big else (4, 8)
-    a.grpo_steps, a.grpo_eval = (20, 50) if big else (2, 4)
+    a.bon_prompts, a.n = (24, 64) if big else (4, 8)
+    a.grpo_steps, a.grpo_eval = (12, 50) if big else (2, 4)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"

@@ -94,9 +94,12 @@ def with_label_noise(dataset: Any, rate: float, seed: int) -> tuple[Any, int]:
 
 
 def _pairs(source: PreferenceSource, recipe: Recipe, limit: int | None = None) -> tuple[Any, str]:
+    from accelerate import PartialState
+
     from posttrain.data.preferences import load_preferences, resolve_preferences
 
-    path = resolve_preferences(source, recipe.model.name_or_path)  # builds the file on first use
+    with PartialState().main_process_first():  # one process builds a missing pair file, the others then read it
+        path = resolve_preferences(source, recipe.model.name_or_path)
     if limit is not None:
         source = replace(source, limit=min(limit, source.limit or limit))
     return load_preferences(source, path), str(path or source.hub_id)
@@ -180,7 +183,8 @@ class RewardPipeline(Pipeline):
             done = member.folder / MEMBER_FILE
             if ctx.resume and done.is_file() and len(p.members) > 1:
                 summary.setdefault("members", []).append(json.loads(done.read_text()))
-                print(f"[posttrain] member {member.index} already trained ({done}), skipped", flush=True)
+                if ctx.is_main:
+                    print(f"[posttrain] member {member.index} already trained ({done}), skipped", flush=True)
                 continue
             if form == "full" and not pristine:
                 base = self.load(ctx)[0]  # every full member starts from the pretrained weights
@@ -230,8 +234,9 @@ class RewardPipeline(Pipeline):
         if len(p.members) > 1:  # per member: its last checkpoint, if it has one
             resume = True if ctx.resume and member.folder.is_dir() and get_last_checkpoint(str(member.folder)) \
                 else None
-        print(f"[posttrain] training reward member {member.index} (seed {member.seed}, form {form}) on "
-              f"{len(trainer.train_dataset)} pairs -> {member.folder}", flush=True)
+        if ctx.is_main:
+            print(f"[posttrain] training reward member {member.index} (seed {member.seed}, form {form}) on "
+                  f"{len(trainer.train_dataset)} pairs -> {member.folder}", flush=True)
         record: dict[str, Any] = {"index": member.index, "seed": member.seed, "folder": str(member.folder),
                                   "pairs_used": len(trainer.train_dataset)}  # after TRL's max_length filter
         train_and_save(trainer, replace(ctx, resume=resume), record, member.folder)
@@ -272,7 +277,9 @@ class RewardPipeline(Pipeline):
             indexed.append(Dataset.from_dict(columns))
         t0 = time.perf_counter()
         base = ctx.model.to("cuda") if on_gpu() else ctx.model
-        print(f"[posttrain] heads form: features of {len(seqs)} responses through the frozen base, once", flush=True)
+        if ctx.is_main:
+            print(f"[posttrain] heads form: features of {len(seqs)} responses through the frozen base, once",
+                  flush=True)
         table = head_features(base, seqs, tokenizer.pad_token_id, batch_size=p.config.per_device_eval_batch_size)
         summary["feature_minutes"] = (time.perf_counter() - t0) / 60
         return table, indexed[0], indexed[1]
