@@ -245,14 +245,16 @@ def plot_best_of_n(results: Mapping[str, Any], path: PathLike, scorers: Sequence
     for i, name in enumerate(names):
         curve, color = results["curves"][name], f"C{i}"
         gold = np.asarray(curve["gold"]) - curve["gold"][0]
-        gold_ax.errorbar(d, gold, yerr=curve["gold_stderr"], color=color, marker="o", markersize=2.5, capsize=1.5,
-                         linewidth=1, label=name)
+        gold_ax.plot(d, gold, color=color, linewidth=1.2, label=name)
+        marks = [j for j, n in enumerate(results.get("ns", range(1, len(d) + 1))) if n & (n - 1) == 0]  # 1, 2, 4..
+        gold_ax.errorbar(d[marks], gold[marks], yerr=np.asarray(curve["gold_stderr"])[marks], color=color,
+                         marker="o", markersize=3, capsize=2, linestyle="none")
         fit = results.get("fits", {}).get(name)
         if fit:
             gold_ax.plot(grid, grid * (fit["a"] - fit["b"] * grid), color=color, linestyle="--", linewidth=1)
         proxy_ax.plot(d, np.asarray(curve["proxy"]) - curve["proxy"][0], color=color, marker="o", markersize=2.5,
                       linewidth=1, label=name)
-    gold_ax.set_title("gold gain of the best-of-n pick (dashed: Gao fit d(a - b d))")
+    gold_ax.set_title("gold gain of the best-of-n pick (bars: stderr over prompts;\ndashed: Gao fit d(a - b d))")
     gold_ax.set_ylabel("gold - gold(n = 1)")
     proxy_ax.set_title("proxy gain (each scorer's own score)")
     proxy_ax.set_ylabel("proxy - proxy(n = 1)")

@@ -166,19 +166,16 @@ def pooled_outputs(fn: Any, ids: Sequence[Sequence[int]], pad_token_id: int, dev
     """[N, D] float32: `fn(input_ids, attention_mask) -> [B, D]` over N token sequences, `batch_size` at a time,
     longest first (least padding), padded on the right; rows in input order. No gradient."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     n = len(ids)
     order = sorted(range(n), key=lambda i: -len(ids[i]))
     parts: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            width = len(ids[rows[0]])
-            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                input_ids[j, : len(ids[i])] = torch.as_tensor(ids[i])
-                attention[j, : len(ids[i])] = 1
+            seqs = [torch.as_tensor(ids[i], dtype=torch.long) for i in order[start : start + batch_size]]
+            input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id)
+            attention = pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
             parts.append(fn(input_ids.to(device), attention.to(device)).float().cpu())
     if not parts:
         return torch.empty(0, 0)
