@@ -1,5 +1,5 @@
-"""Command line: `posttrain train|validate|quickstart|eval|models|data ...` (also `python -m posttrain ...` and
-`accelerate launch -m posttrain train ...`)."""
+"""Command line: `posttrain train|validate|quickstart|eval|bon|export|recipes|tasks|env|models|data ...`
+(also `python -m posttrain ...` and `accelerate launch -m posttrain train ...`)."""
 
 from __future__ import annotations
 
@@ -180,18 +180,26 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_preferences(args: argparse.Namespace) -> int:
+def _task_options(items: list[str] | None) -> dict | None:
+    """`--option KEY=VALUE` items (values read as YAML) as a dict; None (after printing why) when one is malformed."""
     import yaml
 
-    from posttrain.data.preferences import PairBuildSpec, build_preference_pairs
-
     options = {}
-    for item in args.option or []:
+    for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
             print(f"posttrain: error: --option expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            return None
         options[key] = yaml.safe_load(value)
+    return options
+
+
+def _cmd_data_preferences(args: argparse.Namespace) -> int:
+    from posttrain.data.preferences import PairBuildSpec, build_preference_pairs
+
+    options = _task_options(args.option)
+    if options is None:
+        return 2
     build = PairBuildSpec(task=args.task, options=options, split=args.split, path=args.path,
                           num_prompts=args.num_prompts, n=args.n, temperature=args.temperature, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, max_pairs_per_prompt=args.max_pairs_per_prompt,
@@ -281,6 +289,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
     print(f"[posttrain] results in {args.output}/results.json and results.md")
+    return 0
+
+
+def _cmd_bon(args: argparse.Namespace) -> int:
+    from posttrain.eval.bon import run_bon
+
+    options = _task_options(args.option)
+    if options is None:
+        return 2
+    try:
+        results = run_bon(args.model, args.ensemble, args.output, task=args.task, options=options, split=args.split,
+                          path=args.path, limit=args.limit, adapter=args.adapter, engine=args.engine, gold=args.gold,
+                          system_prompt=args.system_prompt, batch_size=args.batch_size, dtype=args.dtype,
+                          members=args.member, progress=not args.no_progress, n=args.n, aggregate=args.aggregate,
+                          uwo_lambda=args.uwo_lambda, temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+    p = results["picks"]
+    print(f"[posttrain] best-of-{p['n']} by {p['aggregate']} (KL {p['kl']:.3f}): gold {p['gold_mean']:.3f} "
+          f"(n = 1: {p['gold_mean_n1']:.3f}); results in {args.output}/results.json, samples_bon.jsonl, bon.png")
     return 0
 
 
@@ -448,6 +478,48 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="ignore existing sample files instead of resuming")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
+
+    bon = sub.add_parser(
+        "bon", help="best-of-n sampling scored by a reward-model ensemble, with its gold-vs-KL curves",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample --n completions for each of --limit prompts of --task with the rollout engine, score "
+                    "every completion with each member of the reward ensemble in --ensemble (trained by "
+                    "method: reward or reward_ensemble) and with the gold reward (--gold, default the task's "
+                    "grader), and pick the best by --aggregate (mean, wco = min, uwo = mean - lambda var). From "
+                    "the one sampling pass it also gives, for every n <= N and every aggregate and member, the "
+                    "expected gold and proxy score of the best-of-n pick (the unbiased estimator over all "
+                    "n-subsets) against KL(n) = log n - (n-1)/n, with the Gao et al. fit d(a - b d), d = sqrt(KL). "
+                    "Writes results.json, results.md, samples_bon.jsonl (completions, member scores, gold scores, "
+                    "picks) and bon.png into --output.\n\n"
+                    "  posttrain train recipes/reward/ensemble_heads.yaml        # the ensemble, once\n"
+                    "  posttrain bon --model smollm2-135m-instruct --ensemble outputs/rm_ensemble_heads \\\n"
+                    "      --task arithmetic --limit 32 --n 16 --aggregate wco --max-new-tokens 48 --output /tmp/bon")
+    bon.add_argument("--model", required=True, help="the policy that samples (named model, local dir or Hub id)")
+    bon.add_argument("--adapter", metavar="DIR", help="a PEFT adapter on the policy (not merged)")
+    bon.add_argument("--ensemble", required=True, metavar="DIR", help="folder with ensemble.json (a trained "
+                                                                      "reward model or ensemble)")
+    bon.add_argument("--member", type=int, action="append", metavar="K",
+                     help="score with these members only (repeatable; one member = a single reward model)")
+    bon.add_argument("--task", default="arithmetic", help="a registered task (arithmetic, gsm8k, ...)")
+    bon.add_argument("--option", action="append", metavar="KEY=VALUE", help="a task option (repeatable)")
+    bon.add_argument("--split", default="test", help="task split (default test)")
+    bon.add_argument("--path", help="the task's local data (JSONL file or folder)")
+    bon.add_argument("--limit", type=int, default=32, help="prompts (default 32)")
+    bon.add_argument("--n", type=int, default=16, help="samples per prompt, N (default 16)")
+    bon.add_argument("--aggregate", default="mean", help="aggregate that picks: mean, wco, uwo (default mean)")
+    bon.add_argument("--uwo-lambda", type=float, default=0.5, help="lambda of uwo (Coste et al.: 0.5 for BoN)")
+    bon.add_argument("--gold", default="accuracy", help="gold reward, a registered reward (default accuracy)")
+    bon.add_argument("--temperature", type=float, default=1.0)
+    bon.add_argument("--top-p", type=float, default=1.0)
+    bon.add_argument("--max-new-tokens", type=int, default=256)
+    bon.add_argument("--seed", type=int, default=0)
+    bon.add_argument("--system-prompt")
+    bon.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    bon.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout backend (default hf)")
+    bon.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bon.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bon.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    bon.set_defaults(func=_cmd_bon)
     return parser
 
 

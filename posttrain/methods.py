@@ -47,6 +47,10 @@ register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTraine
 # Preference pairs: TRL's DPOTrainer itself (the baseline), and DPO-Shift.
 register_method("dpo", "trl:DPOTrainer", "posttrain.trainers.dpo:DPOConfig", "dpo")
 register_method("dpo_shift", "posttrain.trainers.dpo:DPOShiftTrainer", "posttrain.trainers.dpo:DPOShiftConfig", "dpo")
+# Reward models on preference pairs, and ensembles of them (kind `reward`, posttrain.pipelines.reward).
+register_method("reward", "posttrain.trainers.reward:RewardTrainer", "posttrain.trainers.reward:RewardConfig", "reward")
+register_method("reward_ensemble", "posttrain.trainers.reward:RewardTrainer",
+                "posttrain.trainers.reward:RewardEnsembleConfig", "reward")
 
 
 def get_method(name: str) -> MethodSpec:

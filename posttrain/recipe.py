@@ -715,7 +715,7 @@ def _section_hooks(pipeline: Any, method: Any) -> dict[str, FieldHook]:
         default = next(f for f in dataclasses.fields(Recipe) if f.name == name).default_factory
 
         def hook(raw: Any, errors: list[str]) -> Any:
-            if raw is None:
+            if raw is None or raw == _to_data(default()):  # absent, or its default as a saved recipe writes it
                 return default()
             if pipeline is not None and name not in pipeline.sections:
                 used = ", ".join(sorted({"data", "eval", "trainer", *pipeline.sections}))

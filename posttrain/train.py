@@ -33,13 +33,12 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, force_resume: b
     the report are."""
     from transformers import set_seed
 
-    from posttrain.checkpoints import resolve_resume
     from posttrain.methods import get_method
     from posttrain.pipelines import get_pipeline
 
-    resume = resolve_resume(recipe, resume, force_resume)
     method = get_method(recipe.method)
     pipeline = get_pipeline(method.kind)
+    resume = pipeline.resume_point(recipe, resume, force_resume)
     output_dir = Path(recipe.output_dir)
     ctx = RunContext(recipe=recipe, method=method, output_dir=output_dir, report_dir=output_dir / "report",
                      is_main=is_main_process(), resume=resume)

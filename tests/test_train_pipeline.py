@@ -21,7 +21,7 @@ HUB_TASKS = {"gsm8k", "math500", "aime24", "amc23"}
 
 def _grpo_smoke(recipe, tmp_path, request) -> list[str]:
     """GPU-scale recipes run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
-    overrides = ["rollout.max_new_tokens=8", "rollout.engine=hf"]
+    overrides = ["eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
     if recipe.data.train.task in HUB_TASKS:
         bench = request.getfixturevalue("benchmarks_dir")  # skips when ../shared/data is absent
         overrides += [f"data.train.path={bench}", "data.train.limit=16", "trainer.per_device_train_batch_size=8",
@@ -33,18 +33,24 @@ def _dpo_smoke(recipe, tmp_path, request) -> list[str]:
     """Pairs built from a task: a small build of the same settings; Hub pairs (GPU recipes): 8 local pairs."""
     train = recipe.data.train
     if train.build is not None:
-        return [f"data.train.path={tmp_path / 'pairs' / 'train.jsonl'}", "data.train.build.num_prompts=4",
+        return ["eval.before=false", "eval.after=false", f"data.train.path={tmp_path / 'pairs' / 'train.jsonl'}", "data.train.build.num_prompts=4",
                 "data.train.build.n=3", "data.train.build.max_new_tokens=8"]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
                                          "chosen": [{"role": "assistant", "content": f"{i + 1}"}],
                                          "rejected": [{"role": "assistant", "content": f"{i + 5}, I think"}]}) + "\n"
                              for i in range(8)))
-    return [f"data.train={{path: {pairs}}}", "trainer.per_device_train_batch_size=4",
+    return ["eval.before=false", "eval.after=false", f"data.train={{path: {pairs}}}",
+            "trainer.per_device_train_batch_size=4",
             "trainer.gradient_accumulation_steps=1"]
 
 
-SMOKE = {"grpo": _grpo_smoke, "dpo": _dpo_smoke}  # each kind's overrides beyond the common ones
+def _reward_smoke(recipe, tmp_path, request) -> list[str]:
+    """Training pairs are built from the tiny model on first use, then cached; no held-out pairs."""
+    return ["data.eval=null"]
+
+
+SMOKE = {"grpo": _grpo_smoke, "dpo": _dpo_smoke, "reward": _reward_smoke}  # overrides beyond the common ones
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -53,14 +59,18 @@ def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
     plus its kind's smoke overrides (SMOKE: small data, no Hub)."""
     from posttrain.methods import get_method
 
-    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
-                 "eval.before=false", "eval.after=false"]
+    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}"]
     plain = load_recipe(recipe)
     overrides += SMOKE[get_method(plain.method).kind](plain, tmp_path, request)
+    for i, reward in enumerate(plain.rewards):
+        if reward.name == "rm_ensemble":  # a reward-model ensemble to score with: a tiny one, trained once
+            from tests.trainers.reward_setting import trained_ensemble
+
+            overrides.append(f"rewards.{i}.options.path={trained_ensemble('heads')}")
     r = load_recipe(recipe, overrides)
     result = run_recipe(r)
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["global_step"] == 1
+    states = sorted(tmp_path.rglob("trainer_state.json"))  # one per trained model: an ensemble has one per member
+    assert states and all(json.loads(s.read_text())["global_step"] == 1 for s in states)
     assert (tmp_path / "recipe.yaml").is_file()
     assert load_recipe(tmp_path / "recipe.yaml") == r  # the saved resolved recipe round-trips
     assert result.summary["steps"] == 1

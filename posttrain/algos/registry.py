@@ -12,6 +12,8 @@ Kinds and their signatures (a trainer dispatches with one line, e.g.
 - ``ENTROPY_TERMS`` (kind ``"entropy_term"``):
   ``fn(entropy: Tensor[B, T], ctx: EntropyContext, args) -> (term: Tensor[], diagnostics: dict)``:
   a scalar added to the policy loss, differentiable through ``entropy``.
+- ``AGGREGATES`` (kind ``"ensemble_aggregate"``):
+  ``fn(scores: Tensor[K, N], args) -> Tensor[N]``: one score per sample from the K reward-model members.
 
 ``args`` is the method's small argument dataclass (registered alongside the function so a recipe can
 build it by name), never the trainer config. Everything else a trainer must know to run a component is declared
@@ -53,6 +55,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 AdvantageFn = Callable[[Tensor, int, Any], Tensor]
 TokenWeightFn = Callable[[Tensor, "TokenContext", Any], Tensor]
 EntropyTermFn = Callable[[Tensor, "EntropyContext", Any], "tuple[Tensor, dict[str, Tensor]]"]
+AggregateFn = Callable[[Tensor, Any], Tensor]
 
 
 ConfigSource = str | Callable[[Any], Any]
@@ -149,3 +152,4 @@ class Registry(Generic[F]):
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage")
 TOKEN_WEIGHTS: Registry[TokenWeightFn] = Registry("token_weight")
 ENTROPY_TERMS: Registry[EntropyTermFn] = Registry("entropy_term")
+AGGREGATES: Registry[AggregateFn] = Registry("ensemble_aggregate")

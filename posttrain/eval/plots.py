@@ -26,6 +26,7 @@ from posttrain.eval.metrics import entropy_stats, fit_entropy_law  # noqa: E402
 
 __all__ = [
     "plot_accuracy_matrix",
+    "plot_best_of_n",
     "plot_entropy_histogram",
     "plot_pair_logps",
     "plot_pass_at_k",
@@ -257,4 +258,35 @@ def plot_pair_logps(panels: Mapping[str, tuple[Sequence[float], Sequence[float]]
         ax.set_ylabel("pairs")
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("sequence log-probability log pi(y | x)")
+    return _save(fig, path)
+
+
+def plot_best_of_n(results: Mapping[str, Any], path: PathLike, scorers: Sequence[str] | None = None) -> Path:
+    """Best-of-n against d = sqrt(KL): the gold gain over n = 1 of each scorer's pick with its Gao et al. fit
+    d (a - b d) (dashed), and the scorer's own proxy gain, from `posttrain.eval.bon` results (keys `sqrt_kl`,
+    `curves`, `fits`). `scorers` default: the aggregates and member_0 (a single reward model)."""
+    names = list(scorers or [s for s in results["curves"] if not s.startswith("member_") or s == "member_0"])
+    d = np.asarray(results["sqrt_kl"], dtype=np.float64)
+    fig, (gold_ax, proxy_ax) = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    grid = np.linspace(0.0, d.max(), 100)
+    for i, name in enumerate(names):
+        curve, color = results["curves"][name], f"C{i}"
+        gold = np.asarray(curve["gold"]) - curve["gold"][0]
+        gold_ax.plot(d, gold, color=color, linewidth=1.2, label=name)
+        marks = [j for j, n in enumerate(results.get("ns", range(1, len(d) + 1))) if n & (n - 1) == 0]  # 1, 2, 4..
+        gold_ax.errorbar(d[marks], gold[marks], yerr=np.asarray(curve["gold_stderr"])[marks], color=color,
+                         marker="o", markersize=3, capsize=2, linestyle="none")
+        fit = results.get("fits", {}).get(name)
+        if fit:
+            gold_ax.plot(grid, grid * (fit["a"] - fit["b"] * grid), color=color, linestyle="--", linewidth=1)
+        proxy_ax.plot(d, np.asarray(curve["proxy"]) - curve["proxy"][0], color=color, marker="o", markersize=2.5,
+                      linewidth=1, label=name)
+    gold_ax.set_title("gold gain of the best-of-n pick (bars: stderr over prompts;\ndashed: Gao fit d(a - b d))")
+    gold_ax.set_ylabel("gold - gold(n = 1)")
+    proxy_ax.set_title("proxy gain (each scorer's own score)")
+    proxy_ax.set_ylabel("proxy - proxy(n = 1)")
+    for ax in (gold_ax, proxy_ax):
+        ax.set_xlabel("sqrt(KL(n)),  KL = log n - (n - 1)/n")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
     return _save(fig, path)

@@ -59,8 +59,9 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_results(output_dir: str | Path, results: Mapping[str, Any]) -> Path:
-    """results.json (everything but the raw token entropies and pair log-probs) and results.md."""
+def write_results(output_dir: str | Path, results: Mapping[str, Any], markdown: str | None = None) -> Path:
+    """results.json (everything but the raw token entropies and pair log-probs) and results.md (`markdown`, default
+    the suite table)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {k: v for k, v in results.items() if k not in ("entropies", "pair_logps")}
@@ -68,7 +69,7 @@ def write_results(output_dir: str | Path, results: Mapping[str, Any]) -> Path:
     payload.setdefault("versions", versions())
     path = out / "results.json"
     path.write_text(json.dumps(_finite(payload), indent=2, default=_json_default), encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(payload), encoding="utf-8")
+    (out / "results.md").write_text(results_markdown(payload) if markdown is None else markdown, encoding="utf-8")
     if payload.get("tasks"):
         stamp = _dt.datetime.now().isoformat().replace(":", "-")  # lm-eval's own file-name stamp
         (out / f"results_{stamp}.json").write_text(

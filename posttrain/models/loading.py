@@ -51,6 +51,15 @@ def load_model(name_or_path: str, dtype: str = "auto", gguf_file: str | None = N
                trust_remote_code: bool = False, attn_implementation: str | None = None) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM
 
+    return load_auto_model(AutoModelForCausalLM, name_or_path, dtype, gguf_file, revision, trust_remote_code,
+                           attn_implementation)
+
+
+def load_auto_model(auto_class: Any, name_or_path: str, dtype: str = "auto", gguf_file: str | None = None,
+                    revision: str | None = None, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None, **extra: Any) -> "PreTrainedModel":
+    """`auto_class.from_pretrained` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...) on a named
+    model, Hub id, local directory or GGUF file; `extra` goes to from_pretrained (e.g. num_labels)."""
     path, gguf_file = _split_gguf(resolve_model_path(name_or_path), gguf_file)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "revision": revision,
                               "trust_remote_code": trust_remote_code}
@@ -58,7 +67,7 @@ def load_model(name_or_path: str, dtype: str = "auto", gguf_file: str | None = N
         kwargs["gguf_file"] = gguf_file
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = auto_class.from_pretrained(path, **kwargs, **extra)
     if gguf_file is not None:
         # Weights are dequantised in memory; drop the quantizer so the model trains and saves like any other.
         model.hf_quantizer = None

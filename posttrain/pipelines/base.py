@@ -79,6 +79,14 @@ class Pipeline:
         """Problems that span sections (each naming its key path), found when the recipe loads. Default: none."""
         return []
 
+    def resume_point(self, recipe: Recipe, resume: str | bool | None, force: bool = False) -> str | bool | None:
+        """What `--resume` means for this kind, checked before anything loads. Default: one trainer's checkpoints
+        (`posttrain.checkpoints.resolve_resume`: the last or a given checkpoint-N, refused when the recipe
+        changed). Kinds that resume their own way (several models, stages) override it."""
+        from posttrain.checkpoints import resolve_resume
+
+        return resolve_resume(recipe, resume, force)
+
     def describe(self, recipe: Recipe) -> dict[str, Any]:
         """The effective settings a user should see before a run (`posttrain validate`), e.g. the batch shapes the
         TRL config derives. Default: none."""

@@ -190,3 +190,6 @@ def format_(task: Gradable | None = None) -> RewardFunc:
         return boxed_format_reward(prompts, completions, completion_ids, **kwargs)
 
     return format
+
+
+from posttrain.rewards import ensemble as _ensemble  # noqa: E402, F401 - registers `rm_ensemble` (imports no torch)

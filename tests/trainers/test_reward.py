@@ -1,0 +1,279 @@
+"""Reward models and ensembles on tiny-qwen2: the three member forms behind one interface, members that differ by
+seed and equal a single model trained with that seed, the saved folder's checks, label noise, held-out accuracy,
+resuming, and the recipe checks that run before any model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+
+from posttrain.algos.ensembles import aggregate
+from posttrain.pipelines.reward import MEMBER_FILE, with_label_noise
+from posttrain.recipe import RecipeError
+from posttrain.rewards.ensemble import HEAD_FILE, RewardEnsemble, load_reward_model, reward_input_ids
+from posttrain.train import run_recipe
+from posttrain.trainers.reward import RewardConfig, RewardTrainer, init_reward_head
+from tests.trainers.reward_setting import answer, question, recipe, trained_ensemble, write_pairs
+
+FORMS = ["full", "lora", "heads"]
+PROMPTS = [question(2, 3), question(4, 4), question(1, 9), question(6, 2)]
+COMPLETIONS = [answer("The answer is \\boxed{5}."), answer("It is 7"), answer("10"), answer("The answer is 9")]
+
+
+def _single_member(folder, form, k):
+    """Member k as a standalone sequence-classification model, built without RewardEnsemble."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    member = folder / f"member_{k}"
+    if form == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(member)
+    else:
+        model = load_reward_model("tiny-qwen2")
+        if form == "lora":
+            model = PeftModel.from_pretrained(model, member)
+        else:
+            model.score.load_state_dict(load_file(member / HEAD_FILE))
+    return model.eval()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_three_forms_same_interface_and_each_member_equals_its_single_model(form):
+    folder = trained_ensemble(form)
+    ens = RewardEnsemble.from_pretrained(folder)
+    assert (ens.form, ens.k, ens.seeds) == (form, 2, [42, 43])
+    for how in ("mean", "wco", "uwo"):
+        agg, scores = ens(PROMPTS, COMPLETIONS, how=how, uwo_lambda=0.5)
+        assert agg.shape == (4,) and scores.shape == (2, 4) and scores.dtype == torch.float32
+        assert torch.equal(agg, aggregate(scores, how, 0.5))
+    ids = reward_input_ids(ens.tokenizer, PROMPTS, COMPLETIONS)
+    assert len({len(x) for x in ids}) > 1  # the batch needs padding: pooling at the last real token is tested
+    with torch.inference_mode():
+        for k in range(2):
+            single = _single_member(folder, form, k)
+            reference = torch.stack([single(input_ids=torch.tensor([x])).logits[0, 0] for x in ids])  # unpadded
+            assert torch.allclose(scores[k], reference, atol=1e-5), (form, k)
+    assert (scores[0] - scores[1]).abs().max() > 1e-4  # members trained with different seeds differ
+    one = RewardEnsemble.from_pretrained(folder, members=[1])
+    assert one.k == 1 and one.seeds == [43] and torch.allclose(one.scores(PROMPTS, COMPLETIONS)[0], scores[1])
+
+
+def test_member_weights_differ_by_seed_and_heads_members_hold_only_the_head():
+    heads = trained_ensemble("heads")
+    w = [load_file(heads / f"member_{k}" / HEAD_FILE)["weight"] for k in range(2)]
+    assert w[0].shape == (1, 128) and not torch.equal(w[0], w[1])
+    assert not (heads / "member_0" / "model.safetensors").exists()
+    lora = trained_ensemble("lora")
+    a = [load_file(lora / f"member_{k}" / "adapter_model.safetensors") for k in range(2)]
+    assert any(k.endswith("score.weight") for k in a[0])  # each adapter carries its own head
+    assert any(not torch.equal(a[0][k], a[1][k]) for k in a[0] if "lora_A" in k)
+
+
+def test_seed_sets_the_head_initialisation_and_the_data_order(tmp_path):
+    model = load_reward_model("tiny-qwen2")
+    init_reward_head(model, 1)
+    first = model.score.weight.clone()
+    init_reward_head(model, 1)
+    assert torch.equal(first, model.score.weight)
+    init_reward_head(model, 2)
+    assert not torch.equal(first, model.score.weight)
+    from transformers import set_seed
+
+    from posttrain.data.preferences import PreferenceSource, load_preferences
+    from posttrain.models import load_tokenizer
+
+    pairs = load_preferences(PreferenceSource(path=str(write_pairs(tmp_path / "p.jsonl"))))
+    tokenizer = load_tokenizer("tiny-qwen2")
+    orders = []
+    for seed in (1, 2, 1):
+        args = RewardConfig(output_dir=str(tmp_path / f"s{seed}"), seed=seed, per_device_train_batch_size=4,
+                            use_cpu=True, bf16=False, report_to=[])
+        trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+        set_seed(seed)  # what Trainer.train() does before it draws the order
+        batch = next(iter(trainer.get_train_dataloader()))
+        orders.append(batch["input_ids"])
+    assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[0], orders[2])
+
+
+@pytest.mark.parametrize("form", ["lora", "heads"])
+def test_an_ensemble_member_equals_a_single_reward_model_with_its_seed(tmp_path, form):
+    """Members share one base: the previous member's adapter or head must leave no trace in the next one."""
+    run_recipe(recipe(tmp_path / "one", form, method="reward", seed=43, eval={"after": False}))
+    member = RewardEnsemble.from_pretrained(trained_ensemble(form), members=[1]).scores(PROMPTS, COMPLETIONS)
+    single = RewardEnsemble.from_pretrained(tmp_path / "one").scores(PROMPTS, COMPLETIONS)
+    assert torch.allclose(member, single, atol=1e-6)
+
+
+def test_heads_on_cached_features_equal_heads_trained_with_the_base_in_the_loop(tmp_path):
+    result = run_recipe(recipe(tmp_path / "loop", "heads", trainer={"cache_features": False}, eval={"after": False}))
+    assert "feature_minutes" not in result.summary
+    cached_folder = trained_ensemble("heads")
+    assert "feature_minutes" in json.loads((cached_folder / "report" / "summary.json").read_text())
+    cached = RewardEnsemble.from_pretrained(cached_folder).scores(PROMPTS, COMPLETIONS)
+    loop = RewardEnsemble.from_pretrained(tmp_path / "loop").scores(PROMPTS, COMPLETIONS)
+    assert torch.allclose(cached, loop, atol=1e-5)
+    for k in range(2):
+        a = load_file(cached_folder / f"member_{k}" / HEAD_FILE)["weight"]
+        b = load_file(tmp_path / "loop" / f"member_{k}" / HEAD_FILE)["weight"]
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_single_reward_model_is_a_plain_trl_folder_and_a_one_member_ensemble(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    result = run_recipe(recipe(out, "full", method="reward", trainer={"max_steps": 2}, eval={"after": False}))
+    assert result.summary["steps"] == 2 and result.summary["k"] == 1
+    plain = AutoModelForSequenceClassification.from_pretrained(out)  # what TRL's GRPO takes as a reward model
+    ens = RewardEnsemble.from_pretrained(out)
+    ids = reward_input_ids(ens.tokenizer, PROMPTS[:1], COMPLETIONS[:1])
+    with torch.inference_mode():
+        assert torch.allclose(ens.scores(PROMPTS[:1], COMPLETIONS[:1])[0], plain(input_ids=torch.tensor(ids)).logits[:, 0])
+
+
+def test_scoring_inputs_are_trls_training_inputs(tmp_path):
+    """reward_input_ids reproduces RewardTrainer's tokenisation of chosen responses (conversational and plain)."""
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-qwen2")
+    conv = Dataset.from_list([{"prompt": question(1, 2), "chosen": answer("3"), "rejected": answer("4")},
+                              {"prompt": question(5, 5), "chosen": answer("It is 10"), "rejected": answer("9")}])
+    plain = Dataset.from_list([{"prompt": "1 + 2 =", "chosen": " 3", "rejected": " 4"},
+                               {"prompt": "5 + 5 =", "chosen": " 10<|im_end|>", "rejected": " 9"}])
+    for ds in (conv, plain):
+        args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+        trainer = RewardTrainer(model=load_reward_model("tiny-qwen2"), args=args, train_dataset=ds,
+                                processing_class=tokenizer)
+        expected = [trainer.train_dataset[i]["chosen_ids"] for i in range(2)]
+        assert reward_input_ids(tokenizer, ds["prompt"], ds["chosen"]) == expected
+
+
+def test_heads_training_leaves_the_base_frozen(tmp_path):
+    from posttrain.data.preferences import PreferenceSource, load_preferences
+    from posttrain.models import load_tokenizer
+
+    model = load_reward_model("tiny-qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = RewardConfig(output_dir=str(tmp_path), form="heads", max_steps=3, learning_rate=0.05,
+                        per_device_train_batch_size=4, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True)
+    pairs = load_preferences(PreferenceSource(path=str(write_pairs(tmp_path / "p.jsonl"))))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=load_tokenizer("tiny-qwen2"))
+    trainer.train()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["score.weight"]
+    trainer.save_model(str(tmp_path / "saved"))
+    assert torch.equal(load_file(tmp_path / "saved" / HEAD_FILE)["weight"], model.score.weight)
+    with pytest.raises(ValueError, match="trains no adapter"):
+        RewardTrainer(model=model, args=args, train_dataset=pairs, peft_config=object())
+
+
+def test_bad_member_folder_or_missing_head_fails_naming_the_path(tmp_path):
+    heads = tmp_path / "heads"
+    shutil.copytree(trained_ensemble("heads"), heads)
+    (heads / "member_1" / HEAD_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=str(heads / "member_1" / HEAD_FILE)):
+        RewardEnsemble.from_pretrained(heads)
+    save_file({"weight": torch.zeros(1, 7)}, str(heads / "member_1" / HEAD_FILE))
+    with pytest.raises(ValueError, match=rf"{heads / 'member_1' / HEAD_FILE}: expected a head weight of shape \(1, 128\)"):
+        RewardEnsemble.from_pretrained(heads)
+    shutil.rmtree(heads / "member_1")
+    with pytest.raises(FileNotFoundError, match=f"member folder not found: {heads / 'member_1'}"):
+        RewardEnsemble.from_pretrained(heads)
+    with pytest.raises(ValueError, match=r"members \[5\] not in 0..1"):
+        RewardEnsemble.from_pretrained(heads, members=[5])
+    (heads / "ensemble.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{heads / 'ensemble.json'} not found"):
+        RewardEnsemble.from_pretrained(heads)
+
+    lora = tmp_path / "lora"
+    shutil.copytree(trained_ensemble("lora"), lora)
+    weights = lora / "member_0" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "score" not in k}, str(weights))
+    with pytest.raises(ValueError, match=f"{weights}: the adapter has no reward head"):
+        RewardEnsemble.from_pretrained(lora)
+
+    full = tmp_path / "full"
+    shutil.copytree(trained_ensemble("full"), full)
+    (full / "member_1" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{full / 'member_1'}: no config.json"):
+        RewardEnsemble.from_pretrained(full)
+    manifest = json.loads((full / "ensemble.json").read_text())
+    (full / "ensemble.json").write_text(json.dumps({**manifest, "form": "twin"}))
+    with pytest.raises(ValueError, match="form must be one of full, lora, heads, got 'twin'"):
+        RewardEnsemble.from_pretrained(full)
+
+
+def test_label_noise_flips_a_seeded_share_of_pairs():
+    ds = Dataset.from_list([{"prompt": f"q{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(2000)])
+    noisy, flipped = with_label_noise(ds, 0.25, seed=3)
+    assert 0.22 * 2000 < flipped < 0.28 * 2000 and sum(noisy["label_flipped"]) == flipped
+    for row in noisy:
+        i = row["prompt"][1:]
+        assert (row["chosen"], row["rejected"]) == ((f"bad{i}", f"good{i}") if row["label_flipped"]
+                                                    else (f"good{i}", f"bad{i}"))
+    assert with_label_noise(ds, 0.25, seed=3)[0]["label_flipped"] == noisy["label_flipped"]
+    assert with_label_noise(ds, 0.25, seed=4)[0]["label_flipped"] != noisy["label_flipped"]
+    assert with_label_noise(ds, 0.0, seed=3)[1] == 0
+
+
+def test_held_out_accuracy_of_members_and_aggregates_is_reported():
+    report = trained_ensemble("heads") / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    ev = summary["eval_after"]
+    assert ev["n_pairs"] == 12 and set(ev["accuracy"]) == {"member_0", "member_1", "mean", "wco", "uwo"}
+    records = [json.loads(line) for line in (report / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and len(records[0]["chosen"]) == 2
+    for k in range(2):
+        acc = sum(r["chosen"][k] > r["rejected"][k] for r in records) / 12
+        assert ev["accuracy"][f"member_{k}"] == pytest.approx(acc)
+    wco = sum(min(r["chosen"]) > min(r["rejected"]) for r in records) / 12
+    assert ev["accuracy"]["wco"] == pytest.approx(wco)
+    assert summary["form"] == "heads" and summary["k"] == 2 and len(summary["members"]) == 2
+    assert summary["peak_rss_gb"] > 0 and summary["train_pairs"] == 24
+    readme = (report / "README.md").read_text()
+    assert "| wco |" in readme and "| member | seed |" in readme
+
+
+def test_resume_skips_finished_members(tmp_path, capsys):
+    r = recipe(tmp_path / "ens", "heads", trainer={"num_members": 2, "max_steps": 1}, eval={"after": False})
+    run_recipe(r)
+    head0 = (tmp_path / "ens" / "member_0" / HEAD_FILE).read_bytes()
+    (tmp_path / "ens" / "member_1" / MEMBER_FILE).unlink()
+    (tmp_path / "ens" / "member_1" / HEAD_FILE).unlink()
+    result = run_recipe(r, resume=True)
+    assert "member 0 already trained" in capsys.readouterr().out
+    assert (tmp_path / "ens" / "member_0" / HEAD_FILE).read_bytes() == head0
+    assert (tmp_path / "ens" / "member_1" / HEAD_FILE).is_file() and len(result.summary["members"]) == 2
+    with pytest.raises(ValueError, match="resumes member by member"):
+        run_recipe(r, resume=str(tmp_path / "ens" / "member_1"))
+
+
+def test_recipe_checks_name_the_key_before_any_model_loads(tmp_path, monkeypatch):
+    import posttrain.rewards.ensemble as ensemble
+
+    monkeypatch.setattr(ensemble, "load_reward_model", lambda *a, **k: pytest.fail("model loaded before checks"))
+    base = {"method": "reward_ensemble", "model": {"name_or_path": "tiny-qwen2"}, "output_dir": str(tmp_path),
+            "data": {"train": "pairs.jsonl"}}
+    cases = [
+        ({"trainer": {"form": "lora"}}, "trainer.form: 'lora' needs model.peft"),
+        ({"model": {"name_or_path": "tiny-qwen2", "peft": {"r": 4}}, "trainer": {"form": "heads"}},
+         "model.peft: set, but trainer.form is 'heads'"),
+        ({"trainer": {"num_members": 3, "member_seeds": [1, 2]}}, "trainer.member_seeds: needs 3 distinct seeds"),
+        ({"data": {}}, "data.train: required"),
+        ({"data": {"train": {"hub_id": "a/b", "path": "x.jsonl"}}}, "data.train: give hub_id or path/build, not both"),
+        ({"rewards": ["accuracy"]}, "rewards: method 'reward_ensemble' (kind 'reward') does not read a rewards section"),
+        ({"trainer": {"form": "twin"}}, "trainer.form: expected one of 'full', 'lora', 'heads'"),
+        ({"data": {"train": "p.jsonl", "label_noise": 0.7}}, "data.label_noise: must be <= 0.5"),
+    ]
+    for change, message in cases:
+        with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            from posttrain.recipe import recipe_from_dict
+
+            recipe_from_dict({**base, **change})
+    with pytest.raises(FileNotFoundError, match="preference file not found"):
+        run_recipe(recipe(tmp_path / "x", "heads", data={"train": str(tmp_path / "absent.jsonl")}))
