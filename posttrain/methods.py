@@ -44,6 +44,11 @@ for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo
 # QAE advantages or Clip-Cov token weights: `method: entropy_control` + `trainer: {advantage: qae}`.
 register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTrainer",
                 "posttrain.trainers.grpo:EntropyControlConfig", "grpo")
+# Supervised fine-tuning: a task sequence stage by stage (EMA-balanced LoRA and its baselines), and plain SFT, its
+# one-stage case (LoRA or full; several tasks at once: the multi-task upper bound).
+register_method("continual", "posttrain.trainers.continual:ContinualTrainer",
+                "posttrain.trainers.continual:ContinualConfig", "continual")
+register_method("sft", "posttrain.trainers.continual:SFTTrainer", "posttrain.trainers.continual:SFTConfig", "continual")
 
 
 def get_method(name: str) -> MethodSpec:

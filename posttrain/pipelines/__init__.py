@@ -30,3 +30,4 @@ def get_pipeline(kind: str) -> Pipeline:
 
 
 register_pipeline("grpo", "posttrain.pipelines.grpo:GRPOPipeline")
+register_pipeline("continual", "posttrain.pipelines.continual:ContinualPipeline")

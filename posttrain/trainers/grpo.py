@@ -12,7 +12,6 @@ All statistics are computed over the global batch (every process), so they do no
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 import trl
 from accelerate.utils import gather_object
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from posttrain.algos.entropy import entropy_summary, masked_flatten
 from posttrain.algos.groups import group_outcome_fractions, mean_unique_per_group
 from posttrain.rewards import completion_text
-from posttrain.trainers.state import Stateful, load_states, save_states
+from posttrain.trainers.state import MethodStatesMixin, Stateful
 
 
 @dataclass
@@ -42,7 +40,7 @@ class GRPOConfig(trl.GRPOConfig):
     )
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(MethodStatesMixin, trl.GRPOTrainer):
     """TRL's GRPOTrainer with entropy and group tracking and checkpointed method state.
 
     Extra arguments: `answer_extractor(text) -> answer | None`, the task's final-answer extractor used for
@@ -118,19 +116,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         texts = gather_object([completion_text(c) for c in completions])
         answers = [self.answer_extractor(t) for t in texts]
         self._metrics[mode]["groups/unique_answers"].append(mean_unique_per_group(answers, group_size))
-
-    # --- method state in checkpoints ----------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.method_states and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_states(self.method_states, folder)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.method_states:
-            load_states(self.method_states, checkpoint)
 
 
 # =========================================================================================================
