@@ -174,8 +174,15 @@ class Recipe:
     source: str | None = field(default=None, compare=False, metadata={"yaml": False})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (dicts, lists, scalars) that `yaml.safe_dump` writes and `load_recipe` reads back."""
-        return _to_data(self)
+        """Plain data (dicts, lists, scalars) that `yaml.safe_dump` writes and `load_recipe` reads back. The
+        optional sections (`rewards`, `rollout`) are left out when they hold their defaults: a kind that does not
+        read them refuses them when the saved recipe loads again."""
+        data = _to_data(self)
+        defaults = {f.name: f.default_factory() for f in dataclasses.fields(self) if f.name in _OPTIONAL_SECTIONS}
+        for name, default in defaults.items():
+            if getattr(self, name) == default:
+                data.pop(name)
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)

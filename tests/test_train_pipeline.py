@@ -19,23 +19,55 @@ TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
 HUB_TASKS = {"gsm8k", "math500", "aime24", "amc23"}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
-    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides.
-    GPU-scale recipes are run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
-    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
-                 "eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
-    if load_recipe(recipe).data.train.task in HUB_TASKS:
+def _grpo_smoke(recipe, request) -> list[str]:
+    """GPU-scale recipes run with the hf engine and, for Hub datasets, the local copies in ../shared/data."""
+    overrides = ["eval.before=false", "eval.after=false", "rollout.max_new_tokens=8", "rollout.engine=hf"]
+    if recipe.data.train.task in HUB_TASKS:
         bench = request.getfixturevalue("benchmarks_dir")  # skips when ../shared/data is absent
         overrides += [f"data.train.path={bench}", "data.train.limit=16", "trainer.per_device_train_batch_size=8",
                       "trainer.gradient_accumulation_steps=1"]
+    return overrides
+
+
+def _grpo_check(tmp_path, result) -> None:
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
+    assert result.summary["steps"] == 1
+
+
+def _continual_smoke(recipe, request) -> list[str]:
+    """The task folders of ../shared/data/continual, a few rows each, float32 and no checkpoints on CPU."""
+    data = request.getfixturevalue("shared_data") / "continual"  # skips when ../shared/data is absent
+    return [f"data.path={data}", "data.train_limit=4", "data.test_limit=2", "trainer.per_device_train_batch_size=2",
+            "model.dtype=float32", "trainer.save_strategy='no'", "eval.every_n_steps=null", "eval.base=false",
+            "eval.retention=null", "eval.max_new_tokens=2", "eval.batch_size=8"]
+
+
+def _continual_check(tmp_path, result) -> None:
+    report = json.loads((tmp_path / "report" / "continual.json").read_text())
+    for folder in report["stage_folders"]:
+        assert json.loads((tmp_path / folder / "trainer_state.json").read_text())["global_step"] == 1, folder
+    assert result.summary["steps"] == len(report["stages"]) and report["matrix"] and "acc" in report
+
+
+# Each kind's extra smoke overrides and its check of what the one-step run wrote.
+SMOKE = {"grpo": (_grpo_smoke, _grpo_check), "continual": (_continual_smoke, _continual_check)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
+    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides
+    (per stage for the continual kind), plus what its kind needs for a few-second run (`SMOKE`)."""
+    from posttrain.methods import get_method
+
+    plain = load_recipe(recipe)
+    smoke, check = SMOKE[get_method(plain.method).kind]
+    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                 *smoke(plain, request)]
     r = load_recipe(recipe, overrides)
     result = run_recipe(r)
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert state["global_step"] == 1
+    check(tmp_path, result)
     assert (tmp_path / "recipe.yaml").is_file()
     assert load_recipe(tmp_path / "recipe.yaml") == r  # the saved resolved recipe round-trips
-    assert result.summary["steps"] == 1
 
 
 def test_quickstart_pipeline_on_tiny_model(tmp_path):

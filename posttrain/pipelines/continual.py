@@ -240,8 +240,9 @@ class ContinualPipeline(Pipeline):
             _write_suite(ctx, p)
         if recipe.eval.base and progress.base is None:
             progress.base = run.evaluate(ctx.model, None, p.tasks, ctx.report_dir / "base")
-            if recipe.eval.retention:
-                progress.retention["before"] = run.retention(ctx.model, None, "before")
+            progress.save(ctx.output_dir, ctx.is_main)
+        if recipe.eval.retention and "before" not in progress.retention:
+            progress.retention["before"] = run.retention(ctx.model, None, "before")
             progress.save(ctx.output_dir, ctx.is_main)
         run.restore(progress)
         for i, stage in enumerate(p.stages):
@@ -253,6 +254,8 @@ class ContinualPipeline(Pipeline):
         if recipe.eval.retention and "after" not in progress.retention:
             progress.retention["after"] = run.retention(run.model, run.groups, "after")
             progress.save(ctx.output_dir, ctx.is_main)
+        if not ctx.is_main:  # the evaluations and the report are the main process's
+            return RunOutcome(summary={"steps": sum(s["steps"] for s in progress.stages)})
         return RunOutcome(summary=run.summary(progress), log_history=progress.log_history())
 
     def write_report(self, ctx: RunContext, outcome: RunOutcome) -> None:
@@ -383,7 +386,8 @@ class _Run:
         from posttrain.trainers.continual import ContinualEvalCallback, EvalHistory
 
         ctx, recipe, p = self.ctx, self.recipe, self.p
-        folder = f"stage{i}_{stage.name}"
+        # one stage (plain SFT, joint multi-task): the model goes to output_dir itself, as every other kind's does
+        folder = f"stage{i}_{stage.name}" if len(p.stages) > 1 else ""
         out = ctx.output_dir / folder
         record: dict[str, Any] = {"index": i, "name": stage.name, "tasks": stage.tasks, "folder": folder,
                                   **self._attach(stage)}
@@ -403,7 +407,7 @@ class _Run:
         if recipe.eval.every_n_steps and during:
             def evaluate(model: Any, step: int) -> dict[str, float]:
                 with self._output_weights(model):
-                    return self.evaluate(model, self.groups, during, ctx.report_dir / "during" / f"{folder}_{step}")
+                    return self.evaluate(model, self.groups, during, ctx.report_dir / "during" / f"stage{i}_{step}")
 
             callbacks.append(ContinualEvalCallback(recipe.eval.every_n_steps, evaluate, history, i))
         forward = _fused_forward_patch(self.model)
@@ -425,7 +429,9 @@ class _Run:
                 self.model.save_pretrained(str(out))  # one adapter folder per group (or the full model)
                 if self.groups is not None:
                     self.groups.save(out)
-            accuracy = self.evaluate(self.model, self.groups, p.tasks, ctx.report_dir / "stages" / folder)
+                else:
+                    ctx.tokenizer.save_pretrained(str(out))  # a full model folder loads as a model
+            accuracy = self.evaluate(self.model, self.groups, p.tasks, ctx.report_dir / "stages" / (folder or "final"))
         record.update(accuracy=accuracy, during=history.records, log_history=trainer.state.log_history)
         if self.ema is not None:
             record["ema_bytes"] = self.ema.nbytes()
@@ -520,7 +526,8 @@ class _Run:
             total += s["steps"]
             stage_ends.append(total)
         result = {
-            "tasks": names, "stages": [s["name"] for s in progress.stages], "matrix": rows, "base": base,
+            "tasks": names, "stages": [s["name"] for s in progress.stages],
+            "stage_folders": [s["folder"] for s in progress.stages], "matrix": rows, "base": base,
             **{k: metrics[k] for k in ("acc", "bwt", "fwt", "forgetting", "forgetting_mean")},
             "stability": stability, "stage_ends": stage_ends,
             "groups": self.groups.state_dict() if self.groups is not None else None,
