@@ -35,8 +35,14 @@ def _grpo_check(tmp_path, result) -> None:
 
 
 def _continual_smoke(recipe, request) -> list[str]:
-    """The task folders of ../shared/data/continual, a few rows each, float32 and no checkpoints on CPU."""
+    """The task folders of ../shared/data/continual, a few rows each, float32 and no checkpoints on CPU (and one
+    torch thread: the tiny model trains and evaluates once per stage, faster without threads spin-waiting)."""
+    import torch
+
     data = request.getfixturevalue("shared_data") / "continual"  # skips when ../shared/data is absent
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     return [f"data.path={data}", "data.train_limit=4", "data.test_limit=2", "trainer.per_device_train_batch_size=2",
             "model.dtype=float32", "trainer.save_strategy='no'", "eval.every_n_steps=null", "eval.base=false",
             "eval.retention=null", "eval.max_new_tokens=2", "eval.batch_size=8"]
@@ -53,7 +59,15 @@ def _continual_check(tmp_path, result) -> None:
 SMOKE = {"grpo": (_grpo_smoke, _grpo_check), "continual": (_continual_smoke, _continual_check)}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def _params(recipes):
+    """Each recipe, slow-marked when its smoke run is long: a continual sequence of more than 5 stages."""
+    for p in recipes:
+        r = load_recipe(p)
+        long = getattr(r.data, "schedule", None) == "sequential" and len(r.data.tasks) > 5
+        yield pytest.param(p, marks=pytest.mark.slow) if long else p
+
+
+@pytest.mark.parametrize("recipe", list(_params(RECIPES)), ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
     """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides
     (per stage for the continual kind), plus what its kind needs for a few-second run (`SMOKE`)."""

@@ -309,9 +309,10 @@ class _Run:
         self.model, self.base = ctx.model, ctx.model
         self.lora = peft_config(self.recipe)
         threshold = getattr(cfg, "expand_threshold", None)
+        # adapter groups (and their codebook) for a continual LoRA sequence; plain SFT trains PEFT's "default"
         self.groups = AdapterGroups(threshold=threshold if threshold is not None else 1.0,
                                     reduce=getattr(cfg, "similarity", "mean_pairs"),
-                                    expand=threshold is not None) if self.lora is not None else None
+                                    expand=threshold is not None) if self.lora is not None and continual else None
         self.ema = self.replay = None
         if continual and cfg.replay_size:
             from posttrain.trainers.continual import ReplayBuffer
@@ -350,9 +351,13 @@ class _Run:
         from posttrain.trainers.state import load_states
 
         folder = self.ctx.output_dir / progress.stages[-1]["folder"]
-        if self.lora is not None:
+        if self.groups is not None:
             self.model, groups = load_adapter_groups(self.base, folder, is_trainable=True)
             self.groups.load_state_dict(groups.state_dict())
+        elif self.lora is not None:
+            from posttrain.models import load_peft_model
+
+            self.model = load_peft_model(self.base, str(folder), is_trainable=True)
         else:
             self.model = load_model(str(folder), self.recipe.model.dtype)
         if self.continual and self.cfg.ema != "none" and self.cfg.ema_output == "slow":
@@ -363,9 +368,12 @@ class _Run:
 
     def _attach(self, stage: _Stage) -> dict[str, Any]:
         """Give the stage its adapter group (retrain-or-expand) and make it the one that trains."""
-        if self.groups is None:
-            return {}
         from peft import get_peft_model
+
+        if self.groups is None:
+            if self.lora is not None and not hasattr(self.model, "peft_config"):
+                self.model = get_peft_model(self.model, self.lora)  # plain SFT: one adapter, "default"
+            return {}
 
         from posttrain.models.adapter_groups import warm_start_adapter
 
@@ -429,7 +437,7 @@ class _Run:
                 self.model.save_pretrained(str(out))  # one adapter folder per group (or the full model)
                 if self.groups is not None:
                     self.groups.save(out)
-                else:
+                elif self.lora is None:
                     ctx.tokenizer.save_pretrained(str(out))  # a full model folder loads as a model
             accuracy = self.evaluate(self.model, self.groups, p.tasks, ctx.report_dir / "stages" / (folder or "final"))
         record.update(accuracy=accuracy, during=history.records, log_history=trainer.state.log_history)

@@ -21,6 +21,15 @@ TC = "What is the topic of the following paragraph? Choose one from the option."
 NLI = 'What is the logical relationship between the "sentence 1" and the "sentence 2"? Choose one from the option.'
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's small matrices run faster on one thread (no spin-waiting on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_codebook_assigns_retrains_and_never_exceeds_the_tasks(tmp_path) -> None:
     groups = AdapterGroups()
     assert groups.assign("sst2", [SC])[:2] == (groups.get("group_0"), True)

@@ -32,8 +32,15 @@ def _adapters(folder: Path) -> dict[str, torch.Tensor]:
             load_file(g / "adapter_model.safetensors").items()}
 
 
-def test_contract_report_and_checkpoints(shared_data, tmp_path):
-    result = run_recipe(_tiny(shared_data, tmp_path))
+@pytest.fixture(scope="module")
+def tiny_run(shared_data, tmp_path_factory):
+    """One run of recipes/continual/tiny.yaml (3 tasks, 2 steps each), shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    return out, run_recipe(_tiny(shared_data, out))
+
+
+def test_contract_report_and_checkpoints(tiny_run):
+    tmp_path, result = tiny_run
     report = json.loads((tmp_path / "report" / "continual.json").read_text())
     assert report["tasks"] == TASKS and report["stages"] == TASKS
     matrix = report["matrix"]
@@ -65,6 +72,7 @@ def test_contract_report_and_checkpoints(shared_data, tmp_path):
     assert (tmp_path / "report" / "README.md").read_text().count("| after |") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["seq_lora.yaml", "fixed_ema.yaml", "ilora.yaml", "replay.yaml", "multitask.yaml"])
 def test_every_method_runs_the_tiny_sequence(shared_data, tmp_path, recipe):
     overrides = ["model.name_or_path=tiny-qwen2", "model.peft.r=4", "data.tasks=[sst2,agnews,amazon]",
@@ -99,6 +107,7 @@ def _interrupt_at(monkeypatch, stage: str, step: int) -> None:
     monkeypatch.setattr(ContinualTrainer, "training_step", training_step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["tiny.yaml", "ilora.yaml"])
 def test_resume_mid_sequence_equals_an_uninterrupted_run(shared_data, tmp_path, monkeypatch, recipe):
     extra = ["model.name_or_path=tiny-qwen2", "model.peft.r=4", "data.tasks=[sst2,agnews,amazon]",
@@ -124,22 +133,21 @@ def test_resume_mid_sequence_equals_an_uninterrupted_run(shared_data, tmp_path, 
     assert losses == [[h["loss"] for h in s["log_history"] if "loss" in h] for s in pb]
 
 
-def test_posttrain_eval_routes_a_continual_checkpoint(shared_data, tmp_path):
+def test_posttrain_eval_routes_a_continual_checkpoint(tiny_run, tmp_path):
     from posttrain.eval.api import run_eval
 
-    run_recipe(_tiny(shared_data, tmp_path / "run"))
-    suite = tmp_path / "run" / "continual_suite.yaml"
-    results = run_eval("tiny-qwen2", suite, tmp_path / "ev", adapter=str(tmp_path / "run" / "stage2_amazon"),
+    run, _ = tiny_run
+    results = run_eval("tiny-qwen2", run / "continual_suite.yaml", tmp_path / "ev", adapter=str(run / "stage2_amazon"),
                        batch_size=4, progress=False)
     routing = results["model"]["routing"]
     assert routing == {"group_0": 6, "group_1": 3}  # sst2 and amazon prompts -> group_0, agnews -> group_1
-    report = json.loads((tmp_path / "run" / "report" / "continual.json").read_text())
+    report = json.loads((run / "report" / "continual.json").read_text())
     # the same prompts, adapters and routing as the pipeline's own evaluation after the last stage
     assert [results["tasks"][t]["metrics"]["accuracy"] for t in TASKS] == report["matrix"][-1]
     for task in TASKS:
         ours = [json.loads(x)["completions"] for x in (tmp_path / "ev" / f"samples_{task}.jsonl").open()]
         theirs = [json.loads(x)["completions"] for x in
-                  (tmp_path / "run" / "report" / "stages" / "stage2_amazon" / f"samples_{task}.jsonl").open()]
+                  (run / "report" / "stages" / "stage2_amazon" / f"samples_{task}.jsonl").open()]
         assert ours == theirs, task
 
 

@@ -23,6 +23,15 @@ from posttrain.trainers.continual import (
 from posttrain.trainers.state import load_states, save_states
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model's small matrices run faster on one thread (no spin-waiting on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _dataset(n: int = 16) -> Dataset:
     words = ["red", "green", "blue", "black"]
     return Dataset.from_list([{"prompt": [{"role": "user", "content": f"Colour {i}? Option: {', '.join(words)}"}],
