@@ -45,9 +45,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base: bool) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[study] {method} seed {seed}{' (resuming)' if resume else ''}: {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with open(out / "train.log", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     print(f"[study] {method} seed {seed}: exit {proc.returncode} after {(time.time() - t0) / 60:.1f} min", flush=True)
     if proc.returncode:
         raise SystemExit(f"run failed, see {out / 'train.log'}")
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lock", default="/tmp/posttrain-heavy.lock", help="flock this file around each run ('' off)")
     parser.add_argument("--override", nargs="*", default=[], help="more key=value overrides for every run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of each run (0: leave it). On the shared 2-core machine one thread "
+                             "evaluated SmolLM2 2.3x faster than two (22 s against 50 s for 30 prompts)")
     parser.add_argument("--aggregate-only", action="store_true")
     args = parser.parse_args()
     if not args.aggregate_only:
