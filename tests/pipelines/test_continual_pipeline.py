@@ -200,3 +200,18 @@ def test_sft_is_the_one_stage_case(tmp_path):
     assert r.method == "sft" and r.data.schedule == "joint"
     with pytest.raises(RecipeError, match="unknown key 'trainer.ema'"):
         load_recipe(RECIPES / "multitask.yaml", [f"output_dir={tmp_path}", "data.path=x", "trainer.ema=dynamic"])
+
+
+def test_retention_suite_before_and_after_with_kl_from_the_base(shared_data, tmp_path):
+    suite = tmp_path / "retention_small.yaml"
+    suite.write_text("name: retention_small\nsampling: {n: 1, temperature: 0.0, max_new_tokens: 3}\ntasks:\n"
+                     "  - {name: sst2, task: classification, path: continual/sst2, kl_to_base: true}\n")
+    out = tmp_path / "run"
+    run_recipe(_tiny(shared_data, out, "data.tasks=[sst2,agnews]", "trainer.max_steps=1", "eval.every_n_steps=null",
+                     f"eval.retention={suite}", f"eval.retention_data_dir={shared_data}", "eval.retention_limit=2"))
+    retention = json.loads((out / "report" / "continual.json").read_text())["retention"]
+    assert set(retention) == {"before", "after"}
+    assert retention["before"]["sst2"]["kl_base"] is None  # the base model: no adapter to compare with
+    assert retention["after"]["sst2"]["kl_base"] > 0  # the trained adapters moved the policy
+    assert 0 <= retention["after"]["sst2"]["accuracy"] <= 1
+    assert (out / "report" / "retention_after" / "samples_sst2.jsonl").is_file()
