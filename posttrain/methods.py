@@ -51,6 +51,11 @@ register_method("dpo_shift", "posttrain.trainers.dpo:DPOShiftTrainer", "posttrai
 register_method("reward", "posttrain.trainers.reward:RewardTrainer", "posttrain.trainers.reward:RewardConfig", "reward")
 register_method("reward_ensemble", "posttrain.trainers.reward:RewardTrainer",
                 "posttrain.trainers.reward:RewardEnsembleConfig", "reward")
+# Supervised fine-tuning: a task sequence stage by stage (EMA-balanced LoRA and its baselines), and plain SFT, its
+# one-stage case (LoRA or full; several tasks at once: the multi-task upper bound).
+register_method("continual", "posttrain.trainers.continual:ContinualTrainer",
+                "posttrain.trainers.continual:ContinualConfig", "continual")
+register_method("sft", "posttrain.trainers.continual:SFTTrainer", "posttrain.trainers.continual:SFTConfig", "continual")
 
 
 def get_method(name: str) -> MethodSpec:

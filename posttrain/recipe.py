@@ -371,6 +371,8 @@ def _expand_shorthands(data: dict[str, Any]) -> None:
         for key, shorthand in _data_shorthands(data.get("method")).items():
             if isinstance(section.get(key), str):
                 section[key] = {shorthand: section[key]}
+            elif isinstance(section.get(key), list):  # `tasks: [sst2, agnews]`, so that `data.tasks.0.path=...` lands
+                section[key] = [{shorthand: x} if isinstance(x, str) else x for x in section[key]]
 
 
 def _data_shorthands(method: Any) -> dict[str, str]:
@@ -387,7 +389,10 @@ def _data_shorthands(method: Any) -> dict[str, str]:
             pass
     out = {}
     for name, tp in typing.get_type_hints(cls).items():
-        for member in typing.get_args(tp) or (tp,):
+        members = [inner for member in typing.get_args(tp) or (tp,)
+                   for inner in ((typing.get_args(member) or (member,)) if typing.get_origin(member) is list
+                                 else (member,))]
+        for member in members:
             shorthand = getattr(member, "_shorthand", None) if dataclasses.is_dataclass(member) else None
             if shorthand:
                 out[name] = shorthand

@@ -50,18 +50,56 @@ def _reward_smoke(recipe, tmp_path, request) -> list[str]:
     return ["data.eval=null"]
 
 
-SMOKE = {"grpo": _grpo_smoke, "dpo": _dpo_smoke, "reward": _reward_smoke}  # overrides beyond the common ones
+def _continual_smoke(recipe, tmp_path, request) -> list[str]:
+    """The task folders of the continual benchmark, a few rows each, float32 and no checkpoints on CPU (and one
+    torch thread: the tiny model trains and evaluates once per stage, faster without threads spin-waiting)."""
+    import torch
+
+    data = request.getfixturevalue("shared_data") / "continual"  # skips when ../shared/data is absent
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    return [f"data.path={data}", "data.train_limit=4", "data.test_limit=2", "trainer.per_device_train_batch_size=2",
+            "model.dtype=float32", "trainer.save_strategy='no'", "eval.every_n_steps=null", "eval.base=false",
+            "eval.retention=null", "eval.max_new_tokens=2", "eval.batch_size=8"]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def _trained_one_step(tmp_path, result) -> None:
+    states = sorted(tmp_path.rglob("trainer_state.json"))  # one per trained model: an ensemble has one per member
+    assert states and all(json.loads(s.read_text())["global_step"] == 1 for s in states)
+    assert result.summary["steps"] == 1
+
+
+def _continual_check(tmp_path, result) -> None:
+    report = json.loads((tmp_path / "report" / "continual.json").read_text())
+    for folder in report["stage_folders"]:
+        assert json.loads((tmp_path / folder / "trainer_state.json").read_text())["global_step"] == 1, folder
+    assert result.summary["steps"] == len(report["stages"]) and report["matrix"] and "acc" in report
+
+
+# Each kind's extra smoke overrides and its check of what the one-step run wrote.
+SMOKE = {"grpo": (_grpo_smoke, _trained_one_step), "dpo": (_dpo_smoke, _trained_one_step),
+         "reward": (_reward_smoke, _trained_one_step), "continual": (_continual_smoke, _continual_check)}
+
+
+def _params(recipes):
+    """Each recipe, slow-marked when its smoke run is long: a continual sequence of more than 5 stages."""
+    for p in recipes:
+        r = load_recipe(p)
+        long = getattr(r.data, "schedule", None) == "sequential" and len(r.data.tasks) > 5
+        yield pytest.param(p, marks=pytest.mark.slow) if long else p
+
+
+@pytest.mark.parametrize("recipe", list(_params(RECIPES)), ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
-    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides,
-    plus its kind's smoke overrides (SMOKE: small data, no Hub)."""
+    """The contract: any recipe runs on CPU with the tiny model and `trainer.max_steps`/`output_dir` overrides
+    (per stage for the continual kind), plus what its kind needs for a few-second run (`SMOKE`)."""
     from posttrain.methods import get_method
 
-    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}"]
     plain = load_recipe(recipe)
-    overrides += SMOKE[get_method(plain.method).kind](plain, tmp_path, request)
+    smoke, check = SMOKE[get_method(plain.method).kind]
+    overrides = ["model.name_or_path=tiny-qwen2", "trainer.max_steps=1", f"output_dir={tmp_path}",
+                 *smoke(plain, tmp_path, request)]
     for i, reward in enumerate(plain.rewards):
         if reward.name == "rm_ensemble":  # a reward-model ensemble to score with: a tiny one, trained once
             from tests.trainers.reward_setting import trained_ensemble
@@ -69,11 +107,9 @@ def test_every_recipe_runs_on_tiny_model(recipe, tmp_path, request):
             overrides.append(f"rewards.{i}.options.path={trained_ensemble('heads')}")
     r = load_recipe(recipe, overrides)
     result = run_recipe(r)
-    states = sorted(tmp_path.rglob("trainer_state.json"))  # one per trained model: an ensemble has one per member
-    assert states and all(json.loads(s.read_text())["global_step"] == 1 for s in states)
+    check(tmp_path, result)
     assert (tmp_path / "recipe.yaml").is_file()
     assert load_recipe(tmp_path / "recipe.yaml") == r  # the saved resolved recipe round-trips
-    assert result.summary["steps"] == 1
 
 
 def test_quickstart_pipeline_on_tiny_model(tmp_path):

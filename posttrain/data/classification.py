@@ -10,6 +10,11 @@ reward when training on the task.
 `path` is the task's folder (holding `<split>.jsonl` and `labels.json`) or one JSONL file (labels from
 a `labels.json` beside it, or the `labels` option). Without `path`, `hub_id` names a Hub dataset with
 the same two columns (names set by `text_field` and `label_field`).
+
+The instruction (with `{labels}` filled in) follows the text by default; `instruction_first` puts it before
+the text instead (O-LoRA's prompt layout for the long-sequence benchmark), and `max_chars` clips each line of
+a text to that many characters (long passages on a small model's context or a CPU budget; every part of a
+two-part input, premise and hypothesis, question and passage, keeps its start).
 """
 
 from __future__ import annotations
@@ -61,8 +66,16 @@ class ClassificationTask(Task):
         label_field: str = "label",
         system_prompt: str | None = None,
         instruction: str | None = None,
+        instruction_first: bool = False,
+        max_chars: int | None = None,
     ) -> None:
         super().__init__(system_prompt=system_prompt, instruction=instruction)
+        if not isinstance(instruction_first, bool):
+            raise TypeError(f"task 'classification': option 'instruction_first' must be true or false, "
+                            f"got {instruction_first!r}")
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+            raise TypeError(f"task 'classification': option 'max_chars' must be an integer >= 1, got {max_chars!r}")
+        self.instruction_first, self.max_chars = instruction_first, max_chars
         if labels is not None and (
             not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels)
         ):
@@ -129,6 +142,8 @@ class ClassificationTask(Task):
             text = pick(row, (self.text_field,), where)
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{where}: {self.text_field!r} must be a non-empty string")
+            if self.max_chars is not None:  # line by line, so that a premise and its hypothesis both stay
+                text = "\n".join(line[: self.max_chars] for line in text.split("\n"))
             gold = stringify_answer(pick(row, (self.label_field,), where), where)
             if gold.lower() not in lowered:
                 raise ValueError(f"{where}: label {gold!r} is not one of {labels}")
@@ -143,7 +158,9 @@ class ClassificationTask(Task):
     def messages(self, question: str) -> list[dict[str, str]]:
         if self.labels is None:
             raise ValueError("task 'classification': load() the data (or pass 'labels') before building prompts")
-        user = {"role": "user", "content": question + self.instruction.replace("{labels}", ", ".join(self.labels))}
+        instruction = self.instruction.replace("{labels}", ", ".join(self.labels))
+        content = f"{instruction.strip()}\n{question}" if self.instruction_first else question + instruction
+        user = {"role": "user", "content": content}
         return [{"role": "system", "content": self.system_prompt}, user] if self.system_prompt else [user]
 
     def reference_completion(self, answer: str) -> str:

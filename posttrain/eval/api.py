@@ -82,17 +82,36 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def _load(model: str, adapter: str | None, dtype: str, device: str = "cpu") -> tuple[Any, Any]:
+def _load(model: str, adapter: str | None, dtype: str, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, adapter groups or None): a continual checkpoint (a folder with codebook.json) brings
+    one adapter per group, routed per prompt."""
     from posttrain.models import load_model, load_peft_model, load_tokenizer
+    from posttrain.models.adapter_groups import is_adapter_groups_dir, load_adapter_groups
 
     tokenizer = load_tokenizer(model)
     net = load_model(model, dtype=dtype).to(device)
-    if adapter is not None:
+    groups = None
+    if is_adapter_groups_dir(adapter):
+        net, groups = load_adapter_groups(net, adapter)
+    elif adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
         net = load_peft_model(net, adapter)
     net.eval()
-    return net, tokenizer
+    return net, tokenizer, groups
+
+
+def _routed(engine: Any, kind: str, net: Any, adapter: str, groups: Any, tokenizer: Any) -> Any:
+    """Per-prompt routing over a continual checkpoint's adapter groups (posttrain.rollout.routed)."""
+    from functools import partial
+
+    from posttrain.rollout.routed import RoutedEngine, peft_adapter
+
+    if kind == "vllm":
+        select = lambda name: engine.lora_adapter(name, Path(adapter) / name)  # noqa: E731
+    else:
+        select = partial(peft_adapter, net)
+    return RoutedEngine(engine, groups, select, tokenizer)
 
 
 def run_eval(
@@ -126,7 +145,7 @@ def run_eval(
     disabled."""
     s = resolve_suite(suite, n=n, temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, seed=seed)
     device = resolve_device(device)
-    net, tokenizer = _load(model, adapter, dtype, device)
+    net, tokenizer, groups = _load(model, adapter, dtype, device)
     base = None  # the reference of KL and of preference pairs (else: the adapter disabled)
     if base_model is not None and any(t.kl_to_base or t.kind == "pairs" for t in s.tasks):
         from posttrain.models import load_model
@@ -142,14 +161,25 @@ def run_eval(
             kl = BaseKL(net)
     eng = make_engine(engine, net, tokenizer, batch_size=batch_size)
     info = {"name_or_path": model, "adapter": adapter, "base_model": base_model, "engine": engine, "dtype": dtype}
+    if groups is not None:
+        eng = _routed(eng, engine, net, adapter, groups, tokenizer)
+        if kl is not None:
+            from posttrain.rollout.routed import RoutedScorer
+
+            kl = RoutedScorer(kl, eng)
+        info["adapter_groups"] = groups.names
     config = {"limit": limit, "n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "device": device,
               "data_dir": str(data_dir) if data_dir else None, "paths": paths, "batch_size": batch_size,
               "tasks": list(tasks) if tasks else None}
     history = read_log_history(training_log) if training_log else None
-    return evaluate(eng, tokenizer, s, output_dir, model_info=info, config=config, kl_scorer=kl, hf_model=net,
-                    log_history=history, data_dir=data_dir, paths=paths, resume=resume, progress=progress,
-                    chunk_size=batch_size, tasks=tasks, reference_model=base)
+    results = evaluate(eng, tokenizer, s, output_dir, model_info=info, config=config, kl_scorer=kl, hf_model=net,
+                       log_history=history, data_dir=data_dir, paths=paths, resume=resume, progress=progress,
+                       chunk_size=batch_size, tasks=tasks, reference_model=base)
+    if groups is not None:  # prompts routed to each group (this call's generations; resumed ones not counted)
+        results["model"]["routing"] = dict(sorted(eng.counts.items()))
+        write_results(output_dir, results)
+    return results
 
 
 def run_forgetting(

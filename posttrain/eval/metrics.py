@@ -29,6 +29,7 @@ __all__ = [
     "pass_at_k",
     "pass_at_k_all",
     "ratio_mean_stderr",
+    "stability_gap_metrics",
     "unique_answers",
 ]
 
@@ -409,3 +410,52 @@ def continual_metrics(
         "forgetting_mean": _mean_or_none(forgetting),
         "n_tasks": n,
     }
+
+
+def stability_gap_metrics(
+    matrix: Sequence[Sequence[float | None]],
+    evaluations: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The stability gap (De Lange, van de Ven & Tuytelaars, ICLR 2023, "Continual evaluation for lifelong
+    learning: identifying the stability gap") from continual evaluation.
+
+    ``matrix[i][j]``: accuracy on task j after stage i (task j is trained in stage j; S <= N rows);
+    ``evaluations``: evaluations within stages, each ``{"stage": k, "accuracy": [acc_j or None, ...]}``. For
+    task j, the evaluations "after its own stage ended" are the within-stage ones of stages k > j and the
+    end-of-stage entries ``matrix[k][j]``, k > j. 0-based (ALGORITHMS.md writes 1-based):
+
+        min-ACC_k = mean_{j < k} min{ acc_j at any evaluation after stage j, up to the end of stage k }
+        WC-ACC_k  = a[k][k] / (k + 1) + (1 - 1 / (k + 1)) min-ACC_k
+
+    min-ACC_0 is None (no earlier task) and WC-ACC_0 = a[0][0]. ``task_min[j]`` is the lowest accuracy task j
+    reached after its stage, over the whole run (None for the last task). Missing entries are skipped; a
+    quantity with nothing left is None.
+    """
+    rows = [[_entry(v) for v in row] for row in matrix]
+    s = len(rows)
+    n = len(rows[0]) if rows else 0
+    if any(len(r) != n for r in rows) or s > n:
+        raise ValueError(f"stability_gap_metrics: need S <= N rows of N entries, got {s} rows")
+    for e in evaluations:
+        if not 0 <= int(e["stage"]) < s or len(e["accuracy"]) != n:
+            raise ValueError(f"evaluation {e!r} does not fit the {s} x {n} matrix")
+
+    def after(j: int, last: int) -> list[float]:
+        values = [rows[k][j] for k in range(j + 1, last + 1)]
+        values += [_entry(e["accuracy"][j]) for e in evaluations if j < int(e["stage"]) <= last]
+        return [v for v in values if v is not None]
+
+    min_acc: list[float | None] = []
+    wc_acc: list[float | None] = []
+    for k in range(s):
+        lows = [min(v) for j in range(k) if (v := after(j, k))]
+        m = float(np.mean(lows)) if lows and k > 0 else None
+        min_acc.append(m)
+        own = rows[k][k]
+        if k == 0 or m is None:
+            wc_acc.append(own if k == 0 else None)
+        else:
+            wc_acc.append(None if own is None else own / (k + 1) + (1 - 1 / (k + 1)) * m)
+    task_min = [min(v) if (v := after(j, s - 1)) else None for j in range(max(s - 1, 0))]
+    return {"min_acc": min_acc, "wc_acc": wc_acc, "task_min": task_min,
+            "evaluations": [dict(e) for e in evaluations]}

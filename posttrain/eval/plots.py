@@ -27,6 +27,7 @@ from posttrain.eval.metrics import entropy_stats, fit_entropy_law  # noqa: E402
 __all__ = [
     "plot_accuracy_matrix",
     "plot_best_of_n",
+    "plot_stability_gap",
     "plot_entropy_histogram",
     "plot_pair_logps",
     "plot_pass_at_k",
@@ -200,26 +201,29 @@ def plot_accuracy_matrix(
     matrix: Sequence[Sequence[float | None]] | np.ndarray,
     task_names: Sequence[str],
     path: PathLike,
+    stage_names: Sequence[str] | None = None,
 ) -> Path:
     """Heatmap of the continual-learning accuracy matrix, ``matrix[i][j]`` = accuracy on task j after
     training stage i, each cell annotated with its value; None / NaN cells (not evaluated) stay
-    blank and read "n/a". Raises ``ValueError`` unless the matrix is N x N with N task names.
+    blank and read "n/a". The matrix is N x N with N task names, or S x N with S stage names (a joint
+    multi-task stage, a sequence stopped early); raises ``ValueError`` otherwise.
     """
     n = len(task_names)
     rows = [[np.nan if v is None else float(v) for v in row] for row in matrix]
-    if n == 0 or len(rows) != n or any(len(r) != n for r in rows):
-        raise ValueError(f"plot_accuracy_matrix: need an N x N matrix with N = len(task_names) = {n}")
+    s = n if stage_names is None else len(stage_names)
+    if n == 0 or len(rows) != s or s == 0 or any(len(r) != n for r in rows):
+        raise ValueError(f"plot_accuracy_matrix: need a {s} x {n} matrix (stages x len(task_names) = {n})")
     data = np.ma.masked_invalid(np.array(rows, dtype=np.float64))
     finite = data.compressed()
     vmax = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 100.0  # fractions or percentages
     fmt = "{:.2f}" if vmax == 1.0 else "{:.1f}"
 
     size = max(4.0, 0.9 * n + 2.0)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = plt.subplots(figsize=(size + 1.0, max(2.5, 0.9 * s + 2.0)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, label="accuracy")
-    for i in range(n):
+    for i in range(s):
         for j in range(n):
             value = data[i, j]
             if np.ma.is_masked(value):
@@ -229,7 +233,7 @@ def plot_accuracy_matrix(
             color = "black" if value / vmax > 0.6 else "white"
             ax.text(j, i, fmt.format(float(value)), ha="center", va="center", color=color, fontsize=8)
     ax.set_xticks(range(n), [str(t) for t in task_names], rotation=45, ha="right")
-    ax.set_yticks(range(n), [f"after {t}" for t in task_names])
+    ax.set_yticks(range(s), [f"after {t}" for t in (task_names if stage_names is None else stage_names)])
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("training stage i")
     ax.set_title("Accuracy matrix a[i][j]")
@@ -289,4 +293,29 @@ def plot_best_of_n(results: Mapping[str, Any], path: PathLike, scorers: Sequence
         ax.set_xlabel("sqrt(KL(n)),  KL = log n - (n - 1)/n")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_stability_gap(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    stage_ends: Sequence[float],
+    path: PathLike,
+) -> Path:
+    """Accuracy of each earlier task over training steps (continual evaluation): ``curves[task]`` is a list of
+    (global step, accuracy) from the end of the task's own stage on; dotted lines mark the stage boundaries
+    ``stage_ends``. The dips right after a boundary are the stability gap."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, points in curves.items():
+        pts = [(float(x), y) for x, y in ((p[0], _finite_number(p[1])) for p in points) if y is not None]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", markersize=3, label=str(name))
+    for end in stage_ends[:-1]:
+        ax.axvline(float(end), color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Earlier tasks during later stages (stability gap)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)

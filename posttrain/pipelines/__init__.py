@@ -32,3 +32,4 @@ def get_pipeline(kind: str) -> Pipeline:
 register_pipeline("grpo", "posttrain.pipelines.grpo:GRPOPipeline")
 register_pipeline("dpo", "posttrain.pipelines.dpo:DPOPipeline")
 register_pipeline("reward", "posttrain.pipelines.reward:RewardPipeline")
+register_pipeline("continual", "posttrain.pipelines.continual:ContinualPipeline")

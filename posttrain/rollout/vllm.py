@@ -19,7 +19,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +394,24 @@ class VLLMEngine(_Follows, _TextPrompts):
         self._lora_request = None
         self._weights_discarded = False
 
+    @contextmanager
+    def lora_adapter(self, name: str, path: str | Path) -> Iterator[None]:
+        """Generate with the LoRA adapter saved at `path` inside the block, then with the synced one again: one
+        LoRA per adapter group when a continual checkpoint is routed per prompt (posttrain.rollout.routed).
+        Each folder keeps one LoRA id, so vLLM loads it once and serves it from its adapter cache after."""
+        if not self.enable_lora:
+            raise ValueError("lora_adapter needs an engine built with enable_lora=True")
+        from vllm.lora.request import LoRARequest
+
+        key = str(Path(path).resolve())
+        ids = self.__dict__.setdefault("_named_lora_ids", {})
+        ids.setdefault(key, _NAMED_LORA_ID_BASE + len(ids))
+        previous, self._lora_request = self._lora_request, LoRARequest(name, ids[key], key)
+        try:
+            yield
+        finally:
+            self._lora_request = previous
+
     # --- memory -----------------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory for the training step (GPU only): level 1 offloads the weights to CPU
@@ -419,6 +438,9 @@ class VLLMEngine(_Follows, _TextPrompts):
         if self._adapter_dir is not None:
             self._adapter_dir.cleanup()
             self._adapter_dir = None
+
+
+_NAMED_LORA_ID_BASE = 1_000_000  # ids of adapters loaded by folder (lora_adapter), apart from the synced policy's
 
 
 def _vllm_lora_rank(r: int) -> int:
