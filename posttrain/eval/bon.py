@@ -184,7 +184,7 @@ def run_bon(model: str, ensemble: str | Path, output_dir: str | Path, *, task: s
     rows = list(t.load(split=split, path=path, limit=limit))
     gold_fn = get_reward(gold, t)
     ens = RewardEnsemble.from_pretrained(ensemble, members=members, batch_size=batch_size * 4)
-    net, tokenizer = _load(model, adapter, dtype)
+    net, tokenizer, _ = _load(model, adapter, dtype)
     if torch.cuda.is_available():
         net.to("cuda")
         ens.to("cuda")
