@@ -761,6 +761,24 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Reci
     return _validate(data, source, [])
 
 
+def _sharding_problems(recipe: Recipe) -> list[str]:
+    """Main-process evaluation of a model whose parameters are sharded over ranks (FSDP, ZeRO-3) would hang: a
+    forward pass there needs every rank's shards. Refused before any model loads."""
+    from posttrain.distributed import sharding_from_recipe
+
+    sharding = sharding_from_recipe(recipe.trainer)
+    if sharding is None:
+        return []
+    hint = ("the evaluation runs on the main process, whose forward pass needs every rank's parameter shards under "
+            f"{sharding} training (it would hang); evaluate the saved checkpoint with `posttrain eval` instead")
+    problems = []
+    if getattr(recipe.eval, "every_n_steps", None):
+        problems.append(f"eval.every_n_steps: {hint} (unset it), or train with DDP or ZeRO-1/2")
+    if getattr(recipe.eval, "after", False):
+        problems.append(f"eval.after: {hint} (set it to false)")
+    return problems
+
+
 def _validate(data: Mapping[str, Any], source: str | None, errors: list[str]) -> Recipe:
     """All problems (after those already in `errors`) in one RecipeError, or the Recipe."""
     data = dict(data)
@@ -773,7 +791,7 @@ def _validate(data: Mapping[str, Any], source: str | None, errors: list[str]) ->
              **_section_hooks(pipeline, data.get("method"))}
     recipe = _build(Recipe, data, [], errors, hooks=hooks)
     if recipe is not None and pipeline is not None and not errors:
-        errors.extend(pipeline.check(recipe))
+        errors.extend(pipeline.check(recipe) or _sharding_problems(recipe))
     if errors or recipe is None:
         raise RecipeError(errors or ["recipe could not be built"], source)
     recipe.source = source

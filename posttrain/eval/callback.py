@@ -137,22 +137,31 @@ class EvalCallback(TrainerCallback):
 
     # --- TrainerCallback hooks ------------------------------------------------------------------------------
 
-    def _should_run(self, state: Any) -> bool:
-        return state.is_world_process_zero or not self.main_process_only
+    def _run(self, model: Any, tokenizer: Any, step: int) -> dict[str, float] | None:
+        """Evaluate now: on the main process only (the others wait for it on torch.distributed's store, past the
+        process group's timeout, so a long evaluation does not fail their next collective), or on every rank when
+        main_process_only is False. None on the ranks that did not evaluate."""
+        if not self.main_process_only:
+            return self.evaluate(model, tokenizer, step)
+        from posttrain.distributed import main_process_only
+
+        return main_process_only(lambda: self.evaluate(model, tokenizer, step), what="eval_callback")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        **kwargs: Any):
-        if self.eval_on_start and state.global_step == 0 and self._should_run(state):
-            tokenizer = self.tokenizer or processing_class
-            logs = self.evaluate(model, tokenizer, 0)
-            state.log_history.append({**logs, "step": 0})
+        if self.eval_on_start and state.global_step == 0:
+            logs = self._run(model, self.tokenizer or processing_class, 0)
+            if logs is not None:
+                state.log_history.append({**logs, "step": 0})
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                     **kwargs: Any):
-        if state.global_step % self.every_n_steps or not self._should_run(state):
+        if state.global_step % self.every_n_steps:
             return control
-        self._pending = self.evaluate(model, self.tokenizer or processing_class, state.global_step)
-        control.should_log = True  # merge into this step's log entry (on_log below)
+        logs = self._run(model, self.tokenizer or processing_class, state.global_step)
+        if logs is not None:
+            self._pending = logs
+            control.should_log = True  # merge into this step's log entry (on_log below)
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
@@ -203,6 +212,14 @@ def add_eval_callback(trainer: Any, recipe: Any, tokenizer: Any,
     ev = recipe.eval
     if not ev.suites or not ev.every_n_steps:
         return None
+    from posttrain.distributed import ShardedTrainingError, sharded_training
+
+    sharding = sharded_training(getattr(trainer, "accelerator", None))
+    if sharding is not None:
+        raise ShardedTrainingError(
+            f"eval.every_n_steps with {sharding} training: the evaluation runs on the main process, and a forward "
+            "pass there needs the parameter shards of every rank (it would hang); evaluate the saved checkpoints "
+            "with `posttrain eval` instead (unset eval.every_n_steps), or train with DDP or ZeRO-1/2")
     callback = EvalCallback(
         ev.suites, ev.every_n_steps, tokenizer=tokenizer, engine=getattr(trainer, "rollout_engine", None),
         limit=ev.limit, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,

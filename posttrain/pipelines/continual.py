@@ -249,6 +249,7 @@ class ContinualPipeline(Pipeline):
         if recipe.eval.retention and "before" not in progress.retention:
             progress.retention["before"] = run.retention(ctx.model, None, "before")
             progress.save(ctx.output_dir, ctx.is_main)
+        run.barrier()  # the main process evaluated the base model alone
         run.restore(progress)
         for i, stage in enumerate(p.stages):
             if i < len(progress.stages):
@@ -513,10 +514,11 @@ class _Run:
         return {name: {k: r["metrics"].get(k) for k in ("accuracy", "kl_base")} for name, r in results["tasks"].items()}
 
     def barrier(self) -> None:
-        import torch.distributed as dist
+        """After a stage: the main process has evaluated alone; the others wait for it on the store, past the
+        process group's timeout (a long evaluation would otherwise fail their next collective)."""
+        from posttrain.distributed import wait_for_main
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        wait_for_main("continual_stage")
 
     # --- summary -------------------------------------------------------------------------------------------------
     def summary(self, progress: _Progress) -> dict[str, Any]:

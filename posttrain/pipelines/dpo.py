@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from posttrain.data.preferences import PreferenceSource
+from posttrain.distributed import main_process_only
 from posttrain.pipelines.base import (
     Pipeline,
     RunContext,
@@ -117,13 +118,20 @@ class DPOPipeline(Pipeline):
         summary: dict[str, Any] = {"method": recipe.method, "model": m.name_or_path, "peft": m.peft is not None,
                                    "beta": p.config.beta, "pairs": {"train": len(p.train_ds), "files": p.files}}
         reference = None
-        if p.eval_rows is not None and ctx.is_main:
-            print(f"[posttrain] log-probs of {len(p.eval_rows)} held-out pairs under the starting model",
-                  flush=True)
-            reference = self._pairs(ctx, model, p, "before")
-            summary["pairs_before"] = reference["metrics"]
-        if p.task is not None and ev.before and ctx.is_main and not ctx.resume:
-            summary.update(self._task_accuracy(ctx, model, p, "before"))
+
+        def evaluate_before() -> Any:
+            start = None
+            if p.eval_rows is not None:
+                print(f"[posttrain] log-probs of {len(p.eval_rows)} held-out pairs under the starting model",
+                      flush=True)
+                start = self._pairs(ctx, model, p, "before")
+                summary["pairs_before"] = start["metrics"]
+            if p.task is not None and ev.before and not ctx.resume:
+                summary.update(self._task_accuracy(ctx, model, p, "before"))
+            return start
+
+        # the main process evaluates; the other ranks wait for it on the store (past the process group's timeout)
+        reference = main_process_only(evaluate_before, what="eval_before")
 
         trainer = ctx.method.trainer_class()(model=model, args=p.config, train_dataset=p.train_ds,
                                              processing_class=tokenizer, peft_config=peft_config(recipe))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from posttrain.distributed import main_process_only
 from posttrain.pipelines.base import (
     Pipeline,
     RunContext,
@@ -18,6 +19,7 @@ from posttrain.pipelines.base import (
     base_trainer_kwargs,
     evaluate_task_accuracy,
     load_task,
+    on_gpu,
     peft_config,
     train_and_save,
 )
@@ -73,6 +75,9 @@ def _vllm_options(rollout: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in options.items() if k not in trl_side}, trl_side
 
 
+COLOCATED_GPU_MEMORY_SHARE = 0.3  # TRL's GRPOConfig.vllm_gpu_memory_utilization default
+
+
 def _rollout_engine(recipe: Recipe, tokenizer: Any) -> Any:
     """The vLLM engine training, best-of-n and evaluation share (`rollout.engine: vllm`)."""
     from posttrain.rollout import make_engine
@@ -82,6 +87,9 @@ def _rollout_engine(recipe: Recipe, tokenizer: Any) -> Any:
     if m.peft is not None:
         options.update(enable_lora=True, max_lora_rank=m.peft.r)
     options.update(_vllm_options(recipe.rollout)[0])
+    if options.get("mode", "colocate") == "colocate" and on_gpu():
+        # vLLM's own default (0.9 of the GPU) leaves the colocated training step nothing; TRL's colocate default
+        options.setdefault("gpu_memory_utilization", COLOCATED_GPU_MEMORY_SHARE)
     return make_engine("vllm", m.name_or_path, tokenizer, **options)
 
 
@@ -170,14 +178,17 @@ class GRPOPipeline(Pipeline):
             summary["n_eval"] = len(p.eval_ds)
             summary["eval_task"] = recipe.data.eval.task
         engine = _rollout_engine(recipe, tokenizer) if recipe.rollout.engine == "vllm" else None
-        if p.eval_task is not None and recipe.eval.before and ctx.is_main and not ctx.resume:
-            print(f"[posttrain] evaluating before training on {len(p.eval_ds)} {p.eval_task.name} problems ...",
-                  flush=True)
-            before = evaluate_task_accuracy(model, tokenizer, recipe, p.eval_task, p.eval_ds,
-                                            ctx.report_dir / "samples_before.jsonl", engine)
-            summary["accuracy_before"] = before["accuracy"]
-            summary["eval_before"] = before
-            print(f"[posttrain] accuracy before: {before['accuracy']:.3f}", flush=True)
+        if p.eval_task is not None and recipe.eval.before and not ctx.resume:
+            def evaluate_before() -> None:
+                print(f"[posttrain] evaluating before training on {len(p.eval_ds)} {p.eval_task.name} problems ...",
+                      flush=True)
+                before = evaluate_task_accuracy(model, tokenizer, recipe, p.eval_task, p.eval_ds,
+                                                ctx.report_dir / "samples_before.jsonl", engine)
+                summary["accuracy_before"] = before["accuracy"]
+                summary["eval_before"] = before
+                print(f"[posttrain] accuracy before: {before['accuracy']:.3f}", flush=True)
+
+            main_process_only(evaluate_before, what="eval_before")  # the other ranks wait, past the PG timeout
 
         trainer = ctx.method.trainer_class()(
             model=model, reward_funcs=p.rewards, args=p.config, train_dataset=p.train_ds, processing_class=tokenizer,

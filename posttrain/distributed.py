@@ -1,0 +1,205 @@
+"""What the library's own code needs to be correct under several processes: which rank this is, whether training
+shards its parameters, full weights out of FSDP2 / ZeRO-3 shards, and main-process-only work the other ranks wait
+for without hitting the process group's timeout.
+
+The distributed engines themselves are torch.distributed, accelerate (DDP, FSDP2, DeepSpeed) and vLLM; nothing here
+launches, shards or communicates on its own beyond torch.distributed's store and barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+__all__ = ["ShardedTrainingError", "colocated_vllm_setup", "full_state_dict", "main_process_only", "needs_gather",
+           "rank_info", "sharded_training", "sharding_from_recipe", "wait_for_main"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# main-process work (evaluation before / during training) can run for hours; the others wait this long for it
+MAIN_PROCESS_WAIT = timedelta(hours=float(os.environ.get("POSTTRAIN_MAIN_PROCESS_WAIT_HOURS", "24")))
+SEED_STRIDE = 1_000_003  # rank r's engine seed is seed + r * SEED_STRIDE: no two ranks share a prompt seed
+
+
+class ShardedTrainingError(ValueError):
+    """A configuration that cannot be correct under sharded (FSDP / ZeRO-3) training."""
+
+
+def rank_info() -> tuple[int, int, int]:
+    """(rank, local rank, world size): from torch.distributed when it is initialised, else the launcher's env
+    (torchrun and accelerate set RANK, LOCAL_RANK, WORLD_SIZE before the script starts)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return rank, int(os.environ.get("LOCAL_RANK", rank)), world
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --- sharding ---------------------------------------------------------------------------------------------------
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def sharding_from_recipe(trainer: Mapping[str, Any]) -> str | None:
+    """"fsdp" or "zero3" when a recipe's trainer section (or the accelerate launch environment) shards the
+    parameters over ranks, else None. ZeRO-1/2 shard optimizer state and gradients only: the weights stay whole."""
+    if trainer.get("fsdp") or _env_true("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    ds = trainer.get("deepspeed")
+    stage = None
+    if isinstance(ds, Mapping):
+        stage = (ds.get("zero_optimization") or {}).get("stage")
+    elif isinstance(ds, str) and os.path.isfile(ds):
+        import json
+
+        try:
+            stage = (json.loads(open(ds).read()).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError):
+            stage = None
+    if stage is None and _env_true("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return "zero3" if str(stage) == "3" else None
+
+
+def sharded_training(accelerator: Any) -> str | None:
+    """"fsdp" / "zero3" when this accelerator shards the model's parameters over ranks, else None."""
+    if accelerator is None:
+        return None
+    if getattr(accelerator, "is_fsdp2", False) or getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return "fsdp"
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return "zero3"
+    return None
+
+
+def _is_zero3_param(p: Any) -> bool:
+    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
+
+
+def needs_gather(model: Any) -> bool:
+    """Whether the model's parameters are sharded over ranks (FSDP2 DTensors or ZeRO-3 partitions)."""
+    return any(_is_zero3_param(p) or callable(getattr(p, "full_tensor", None)) for p in model.parameters())
+
+
+@contextmanager
+def _gathered(model: Any, names: Callable[[str], bool] | None = None) -> Iterator[None]:
+    """ZeRO-3: the parameters (those whose name `names` accepts) gathered read-only inside the block; a collective,
+    so every rank enters it."""
+    params = [p for n, p in model.named_parameters() if _is_zero3_param(p) and (names is None or names(n))]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _full(t: Any) -> Any:
+    """An FSDP2 DTensor's full tensor (an all-gather: every rank calls it in the same order); a tensor as it is."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+@contextmanager
+def full_state_dict(model: Any, select: Callable[[Any], Mapping[str, Any]] | None = None,
+                    names: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """The model's full (unsharded) state dict inside the block, on every rank: FSDP2 DTensors all-gathered, ZeRO-3
+    parameters gathered; under DDP or one process the state dict as it is. select(model) picks the entries (e.g.
+    PEFT's adapter state dict; default model.state_dict()), names(parameter name) the ZeRO-3 parameters to gather
+    (default all). Collective under sharding: every rank must enter, in the same order."""
+    with _gathered(model, names):
+        state = select(model) if select is not None else model.state_dict()
+        yield {k: _full(v) for k, v in state.items()}
+
+
+# --- colocated vLLM, one engine per rank ---------------------------------------------------------------------------
+
+def colocated_vllm_setup(seed: int, llm_kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Prepare an in-process vLLM engine for this rank the way TRL's colocate mode does (trl/generation/
+    vllm_generation.py): under N > 1 processes, RANK / LOCAL_RANK / WORLD_SIZE and the rendezvous address in the
+    environment, vLLM's external-launcher executor (each rank's engine is its own, on its own GPU), the rank's GPU
+    made current, and a per-rank seed. Returns (seed, llm_kwargs) to build the engine with.
+
+    Tensor parallelism inside a colocated engine under several training ranks is refused: the prompts of the
+    ranks of one tensor-parallel group would have to be gathered and split again (TRL does that; this engine
+    generates each rank's own prompts). Use a vLLM server for tensor parallelism."""
+    rank, local_rank, world = rank_info()
+    if world <= 1:
+        return seed, llm_kwargs
+    if int(llm_kwargs.get("tensor_parallel_size", 1)) > 1:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={llm_kwargs['tensor_parallel_size']} with {world} "
+                         "training processes: a colocated engine runs one per rank on the rank's own GPU; for "
+                         "tensor-parallel generation start a vLLM server (launch/vllm_server.sh) and set "
+                         "rollout.vllm.mode: server")
+    os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"] = str(rank), str(local_rank), str(world)
+    from trl.trainer.utils import ensure_master_addr_port
+
+    ensure_master_addr_port()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # vLLM's worker takes the current device; without this every rank's is 0
+    kwargs = {"distributed_executor_backend": "external_launcher", **llm_kwargs}
+    return seed + rank * SEED_STRIDE, kwargs
+
+
+# --- main-process-only work --------------------------------------------------------------------------------------
+
+def main_process_only(fn: Callable[[], T], *, what: str, timeout: timedelta | None = None) -> T | None:
+    """Run fn on the main process while the other ranks wait for it, then go on together; returns fn's result on
+    the main process, None on the others. One process: just fn().
+
+    The others wait on torch.distributed's key-value store (not in a collective), for `timeout` (default
+    POSTTRAIN_MAIN_PROCESS_WAIT_HOURS, 24 h) instead of the process group's timeout (30 min by default), which a
+    long evaluation on the main process would otherwise exceed: the waiting ranks would fail in their next
+    collective. An exception on the main process is re-raised there and reported to the others, which stop too.
+    fn must not itself run collectives (the other ranks are not in them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    timeout = timeout or MAIN_PROCESS_WAIT
+    store = dist.distributed_c10d._get_default_store()
+    counter = _COUNTERS.setdefault(what, 0)
+    _COUNTERS[what] += 1
+    key = f"posttrain/main_only/{what}/{counter}"
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as err:
+            store.set(key, f"error: {type(err).__name__}: {err}"[:2000])
+            raise
+        store.set(key, "ok")
+        return result
+    t0 = time.perf_counter()
+    previous = store.timeout
+    store.set_timeout(timeout)
+    try:
+        store.wait([key])
+    finally:
+        store.set_timeout(previous)
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RuntimeError(f"the main process failed during {what}: {status.removeprefix('error: ')}")
+    logger.debug("rank %d waited %.1f s for the main process (%s)", dist.get_rank(), time.perf_counter() - t0, what)
+    return None
+
+
+def wait_for_main(what: str, timeout: timedelta | None = None) -> None:
+    """A barrier for work the main process has just done alone (an evaluation): the other ranks wait for it to
+    arrive here, on the store and with `timeout` (see main_process_only), not in a collective."""
+    main_process_only(lambda: None, what=what, timeout=timeout)
+
+
+_COUNTERS: dict[str, int] = {}

