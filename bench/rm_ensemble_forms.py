@@ -40,6 +40,7 @@ def _pairs(path: Path, n: int) -> Path:
         rows.append({"id": r["id"], "prompt": r["prompt"],
                      "chosen": [{"role": "assistant", "content": steps.format(a, a)}],
                      "rejected": [{"role": "assistant", "content": steps.format(a + 3, a + 3)}]})
+    path.parent.mkdir(parents=True, exist_ok=True)  # --out may not exist yet
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return path
 

@@ -54,6 +54,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from posttrain.plan import main
+
+    args.recipe = find_recipe(args.recipe)
+    return main(args)
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from posttrain.recipe import load_recipe
     from posttrain.train import run_recipe
@@ -338,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", help="recipe file (a path, or a name under recipes/)")
     validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
     validate.set_defaults(func=_cmd_validate)
+
+    plan = sub.add_parser(
+        "plan", help="memory per GPU of a recipe under DDP, FSDP2, ZeRO-2/3, and the launch config that fits",
+        description="Estimate the memory per GPU of a recipe (weights, gradients, optimizer state, activations, "
+                    "generation) for DDP, FSDP2, ZeRO-2 and ZeRO-3 from the model's config alone (no weights load), "
+                    "and name the launch/accelerate config that fits. Example: posttrain plan "
+                    "recipes/grpo/grpo.yaml --gpus 8 model.name_or_path=Qwen/Qwen2.5-7B-Instruct")
+    plan.add_argument("recipe", help="recipe file (a path, or a name under recipes/)")
+    plan.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs the training runs on (default 1)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU (default 80)")
+    plan.add_argument("--overhead", type=float, default=1.5, metavar="GB",
+                      help="CUDA context and allocator slack per GPU (default 1.5)")
+    plan.add_argument("--params", type=float, help="the model's parameter count, when its config cannot be read")
+    plan.add_argument("--layers", type=int, help="with --params: decoder layers (default: estimated from size)")
+    plan.add_argument("--hidden", type=int, help="with --params: hidden size (default: estimated from size)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_cmd_plan)
 
     quick = sub.add_parser("quickstart", help="GRPO + LoRA on SmolLM2-135M-Instruct, synthetic arithmetic, CPU",
                            description="Run recipes/quickstart.yaml: evaluate, train, evaluate, write a report.")

@@ -1,0 +1,304 @@
+"""`posttrain plan`: memory per GPU of a recipe under DDP, FSDP2, ZeRO-2 and ZeRO-3, before renting the GPUs.
+
+The model's shape comes from its config alone (a local folder, a shipped model name, the Hub, or `--params`): the
+model is built on PyTorch's meta device (no memory, no weights), so the parameter count and every Linear's shape
+are exact for any architecture transformers knows, and LoRA's trainable parameters are counted from the targeted
+Linears (r x (in + out) each). The estimate per GPU, in bytes:
+
+    weights      P x b_w                          (b_w: the recipe's dtype; / N under FSDP and ZeRO-3)
+    gradients    P_t x b_g                        (trainable parameters; / N under FSDP, ZeRO-2 and ZeRO-3)
+    optimizer    P_t x s                          (AdamW under torch: 2 states in the parameter's dtype; DeepSpeed
+                                                   keeps fp32 master weights + 2 fp32 states, 12 bytes; SGD: none)
+    activations  tokens x L x a_layer + logits    (what autograd keeps for the backward, per micro-batch)
+    generation   the colocated vLLM share of the GPU (gpu_memory_utilization), or the HF engine's KV cache
+
+with P all parameters, P_t the trainable ones (LoRA adapters are float32: PEFT upcasts them), tokens = rows x
+sequence length of one micro-batch (GRPO: prompt + completion; DPO and reward models: chosen and rejected), and per
+layer and token a_layer = b_a (8h + 5 kv + 4i) + 24h for a Llama-style decoder (hidden h, key-value width kv, MLP width
+i: the projections' outputs, the rotary copies, GQA's repeated keys and values, the MLP's four i-wide tensors, and
+three float32 tensors per RMSNorm), times a calibration factor measured on CPU (ACTIVATION_CALIBRATION), or b_a h
+(the layer's input only) with gradient checkpointing plus one layer recomputed. Logits: 4 x tokens_scored x V x 4
+(float32 logits, the shifted copy the loss takes, its log-softmax and the gradient).
+
+Checked against a measured peak on CPU (tests/plan/test_plan.py, within 25%). Not modelled: the CUDA context and
+allocator fragmentation (a fixed `--overhead` per GPU, 1.5 GB by default), FSDP's all-gather buffers (about two
+layers' weights), and DeepSpeed's communication buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelShape", "PlanInputs", "Strategy", "estimate", "model_shape", "plan_recipe", "render_table"]
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+LAUNCH = "launch/accelerate"
+# float32 logits, the shifted copy the loss takes, its log-softmax and the gradient: measured on CPU (tests/plan)
+LOGIT_COPIES = 4
+# what autograd keeps per layer beyond the tensors counted in a_layer (attention's internals, allocator rounding):
+# fitted on CPU (tests/plan/measure_peak.py) where activations dominate (LoRA): 1.0 read 20-26% low there, 1.5
+# reads 3-15% low; full fine-tuning then reads up to 22% high (its gradients grow while activations are freed)
+ACTIVATION_CALIBRATION = 1.5
+
+
+class PlanError(ValueError):
+    """A recipe or model the planner cannot size, with what to pass instead."""
+
+
+@dataclass
+class ModelShape:
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_width: int
+    vocab: int
+    lora_params: int = 0  # trainable LoRA parameters for the recipe's rank and targets (0: full fine-tuning)
+    source: str = ""
+
+
+@dataclass
+class PlanInputs:
+    gpus: int = 1
+    gpu_memory_gb: float = 80.0
+    dtype_bytes: int = 2
+    lora: bool = False
+    optimizer: str = "adamw"
+    rows: int = 1                 # sequences per micro-batch per device
+    seq_len: int = 512            # tokens per sequence
+    scored_tokens: int | None = None  # tokens whose logits are computed (default rows x seq_len)
+    gradient_checkpointing: bool = False
+    vllm_share: float | None = None  # colocated vLLM's gpu_memory_utilization
+    kv_rows: int = 0              # HF engine: sequences generated at once (their KV cache), when no vLLM
+    overhead_gb: float = 1.5
+
+
+@dataclass
+class Strategy:
+    name: str
+    launch: str
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    generation: float
+    overhead: float
+    total: float = 0.0
+    fits: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the model's shape --------------------------------------------------------------------------------------------
+
+def _config(name_or_path: str) -> tuple[Any, str]:
+    from transformers import AutoConfig
+
+    from posttrain.models.registry import NAMED_MODELS, resolve_model_path
+
+    if name_or_path in NAMED_MODELS:
+        path = resolve_model_path(name_or_path)  # a shipped model: built from its local package on first use
+        return AutoConfig.from_pretrained(path), f"{name_or_path} ({path})"
+    if Path(name_or_path).is_dir():
+        return AutoConfig.from_pretrained(name_or_path), name_or_path
+    try:
+        return AutoConfig.from_pretrained(name_or_path), f"{name_or_path} (Hub config)"
+    except Exception as err:  # noqa: BLE001 - offline, gated, or misspelt: all mean "pass --params"
+        raise PlanError(f"model.name_or_path: cannot read the config of {name_or_path!r} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); give a local model folder, or --params N (with "
+                        "--layers/--hidden for the activation estimate)") from None
+
+
+def model_shape(name_or_path: str, lora_r: int | None = None, lora_targets: str | list[str] | None = None
+                ) -> ModelShape:
+    """Exact parameter count and LoRA size of a model, built on the meta device from its config (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, source = _config(name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    lora = 0
+    if lora_r:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and _targeted(name, lora_targets):
+                lora += lora_r * (module.in_features + module.out_features)
+    return ModelShape(params=params, layers=text.num_hidden_layers, hidden=text.hidden_size,
+                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), kv_width=kv,
+                      vocab=text.vocab_size, lora_params=lora, source=source)
+
+
+def _targeted(name: str, targets: str | list[str] | None) -> bool:
+    """PEFT's target matching: "all-linear" is every Linear but the output head; a list matches name suffixes."""
+    if targets in (None, "all-linear"):
+        return not name.endswith("lm_head")
+    if isinstance(targets, str):
+        import re
+
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+# --- the estimate --------------------------------------------------------------------------------------------------
+
+def _activations(shape: ModelShape, inp: PlanInputs) -> float:
+    tokens = inp.rows * inp.seq_len
+    b = inp.dtype_bytes
+    per_layer = b * (8 * shape.hidden + 5 * shape.kv_width + 4 * shape.intermediate) + 24 * shape.hidden
+    if inp.gradient_checkpointing:
+        body = tokens * (shape.layers * b * shape.hidden + per_layer)
+    else:
+        body = tokens * shape.layers * per_layer
+    scored = inp.scored_tokens if inp.scored_tokens is not None else tokens
+    return ACTIVATION_CALIBRATION * body + LOGIT_COPIES * scored * shape.vocab * 4
+
+
+def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:
+    """Bytes per GPU for each strategy that applies at inp.gpus, in the order a user should try them."""
+    n = max(1, inp.gpus)
+    P = shape.params + (shape.lora_params if inp.lora else 0)
+    trainable = shape.lora_params if inp.lora else shape.params
+    b_t = 4 if inp.lora else inp.dtype_bytes  # LoRA adapters train in float32
+    torch_states = {"adamw": 2 * b_t, "sgd": 0, "adamw_8bit": 2}.get(inp.optimizer, 2 * b_t)
+    ds_states = 12 if inp.optimizer != "sgd" else 4  # fp32 master weights (+ 2 fp32 Adam states)
+    act = _activations(shape, inp)
+    gpu = inp.gpu_memory_gb * GB
+    gen = (inp.vllm_share or 0) * gpu
+    if not inp.vllm_share and inp.kv_rows:
+        gen = 2 * shape.layers * shape.kv_width * inp.dtype_bytes * inp.kv_rows * inp.seq_len
+    over = inp.overhead_gb * GB
+    W, G = P * inp.dtype_bytes, trainable * b_t
+    rows = [
+        ("single GPU" if n == 1 else "DDP", "single_gpu.yaml" if n == 1 else "multi_gpu.yaml", W, G,
+         trainable * torch_states, []),
+        ("ZeRO-2", "zero2.yaml", W, G / n, trainable * ds_states / n, []),
+        ("FSDP2", "fsdp2.yaml", W / n, G / n, trainable * torch_states / n, ["+ about 2 layers' gathered weights"]),
+        ("ZeRO-3", "zero3.yaml", W / n, G / n, trainable * ds_states / n, []),
+    ]
+    if n == 1:
+        rows = rows[:1] + [("FSDP2 + CPU offload", "fsdp2_offload.yaml", W / shape.layers * 2, G / n, 0.0,
+                            ["weights and optimizer state in CPU memory; much slower"])]
+    out = []
+    for name, launch, w, g, o, notes in rows:
+        s = Strategy(name=name, launch=f"{LAUNCH}/{launch}", weights=w, gradients=g, optimizer=o, activations=act,
+                     generation=gen, overhead=over, notes=list(notes))
+        s.total = w + g + o + act + gen + over
+        s.fits = s.total <= gpu
+        out.append(s)
+    return out
+
+
+# --- from a recipe -------------------------------------------------------------------------------------------------
+
+def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhead_gb: float) -> PlanInputs:
+    """Batch, sequence lengths, dtype, LoRA, optimizer and generation settings of a recipe, per method kind."""
+    from posttrain.methods import get_method
+
+    t = recipe.trainer
+    kind = get_method(recipe.method).kind
+    rows = int(t.get("per_device_train_batch_size", 8))
+    if kind == "grpo":
+        r = recipe.rollout
+        prompt = int(t.get("max_prompt_length") or 512)
+        completion = int(t.get("max_completion_length") or r.max_new_tokens)
+        seq, scored = prompt + completion, rows * completion  # TRL scores the completion positions only
+    elif kind in ("dpo", "reward"):
+        seq = int(t.get("max_length") or 1024)
+        rows, scored = 2 * rows, (2 * rows * seq if kind == "dpo" else 0)  # chosen + rejected; a reward head: no logits
+    else:
+        seq = int(t.get("max_length") or t.get("max_seq_length") or 1024)
+        scored = rows * seq
+    vllm_share = None
+    if kind == "grpo" and recipe.rollout.engine == "vllm":
+        options = recipe.rollout.vllm
+        if options.get("mode", "colocate") == "colocate":
+            from posttrain.pipelines.grpo import COLOCATED_GPU_MEMORY_SHARE
+
+            vllm_share = float(options.get("gpu_memory_utilization", COLOCATED_GPU_MEMORY_SHARE))
+    optim = str(t.get("optim", "adamw_torch"))
+    optimizer = "sgd" if optim == "sgd" else "adamw_8bit" if "8bit" in optim else "adamw"
+    dtype = str(recipe.model.dtype)
+    if t.get("bf16") or t.get("fp16"):
+        dtype = "bfloat16"
+    return PlanInputs(gpus=gpus, gpu_memory_gb=gpu_memory_gb, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
+                      lora=recipe.model.peft is not None, optimizer=optimizer, rows=rows, seq_len=seq,
+                      scored_tokens=scored, gradient_checkpointing=bool(t.get("gradient_checkpointing", False)),
+                      vllm_share=vllm_share, kv_rows=rows if kind == "grpo" and vllm_share is None else 0,
+                      overhead_gb=overhead_gb)
+
+
+def plan_recipe(recipe: Any, *, gpus: int = 1, gpu_memory_gb: float = 80.0, overhead_gb: float = 1.5,
+                params: float | None = None, layers: int | None = None, hidden: int | None = None,
+                vocab: int | None = None) -> dict[str, Any]:
+    """The plan of a loaded recipe: its inputs, the model's shape and one row per strategy."""
+    inp = plan_inputs_from_recipe(recipe, gpus, gpu_memory_gb, overhead_gb)
+    peft = recipe.model.peft
+    if params is not None:
+        shape = _shape_from_params(params, layers, hidden, vocab, peft)
+    else:
+        shape = model_shape(recipe.model.name_or_path, peft.r if peft else None, peft.target_modules if peft else None)
+    rows = estimate(shape, inp)
+    fit = next((s for s in rows if s.fits), None)
+    return {"model": asdict(shape), "inputs": asdict(inp), "strategies": [asdict(s) for s in rows],
+            "recommended": None if fit is None else {"strategy": fit.name, "launch": fit.launch}}
+
+
+def _shape_from_params(params: float, layers: int | None, hidden: int | None, vocab: int | None, peft: Any
+                       ) -> ModelShape:
+    """A shape from a parameter count alone: the layer and width defaults of a Llama/Qwen-style model of that size
+    (hidden ~ sqrt(P / (12 L))) unless given; LoRA on every attention and MLP projection."""
+    P = int(params)
+    L = layers or max(2, round(4 * math.log2(max(P, 1) / 1e8) + 20))
+    h = hidden or int(round(math.sqrt(P / (12 * L)) / 64) * 64) or 64
+    i = int(8 / 3 * h)
+    lora = 0
+    if peft is not None:
+        lora = L * peft.r * (4 * 2 * h + 3 * (h + i))  # q, k, v, o (h -> h, approx) and gate, up, down
+    return ModelShape(params=P, layers=L, hidden=h, intermediate=i, kv_width=h, vocab=vocab or 151936,
+                      lora_params=lora, source=f"--params {P:,} (layers {L}, hidden {h}: estimated)")
+
+
+def render_table(plan: dict[str, Any]) -> str:
+    m, inp = plan["model"], plan["inputs"]
+    lines = [f"model: {m['source']}: {m['params'] / 1e9:.3f} B parameters, {m['layers']} layers, hidden "
+             f"{m['hidden']}" + (f"; LoRA {m['lora_params'] / 1e6:.2f} M trainable" if inp["lora"] else
+                                 "; full fine-tuning"),
+             f"per GPU: {inp['rows']} sequences x {inp['seq_len']} tokens, {inp['dtype_bytes']}-byte weights, "
+             f"optimizer {inp['optimizer']}, gradient checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}"
+             + (f", colocated vLLM {inp['vllm_share']:g} of the GPU" if inp["vllm_share"] else ""),
+             f"{inp['gpus']} GPU(s) of {inp['gpu_memory_gb']:g} GB", "",
+             f"{'strategy':<20} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'generation':>10} "
+             f"{'other':>6} {'total GB':>9}  fits  launch config"]
+    for s in plan["strategies"]:
+        cells = [s[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "generation", "overhead",
+                                     "total")]
+        lines.append(f"{s['name']:<20} {cells[0]:>8.2f} {cells[1]:>8.2f} {cells[2]:>8.2f} {cells[3]:>8.2f} "
+                     f"{cells[4]:>10.2f} {cells[5]:>6.2f} {cells[6]:>9.2f}  {'yes' if s['fits'] else 'no ':<4}  "
+                     f"{s['launch']}" + (f"  ({'; '.join(s['notes'])})" if s["notes"] else ""))
+    rec = plan["recommended"]
+    lines += ["", f"recommended: {rec['strategy']}: accelerate launch --config_file {rec['launch']} -m posttrain train "
+              "RECIPE" if rec else "nothing fits: more GPUs (--gpus), LoRA (model.peft), gradient checkpointing, "
+              "a smaller batch or sequence, or a smaller vLLM share"]
+    return "\n".join(lines)
+
+
+def main(args: Any) -> int:
+    from posttrain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        plan = plan_recipe(recipe, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, overhead_gb=args.overhead,
+                           params=args.params, layers=args.layers, hidden=args.hidden)
+    except PlanError as err:
+        raise SystemExit(f"posttrain plan: {err}") from None
+    print(json.dumps(plan, indent=2) if args.json else render_table(plan))
+    return 0

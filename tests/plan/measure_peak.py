@@ -1,0 +1,48 @@
+"""Peak memory of real training steps on CPU, for tests/plan/test_plan.py: a Llama model built from CONFIG_DIR's
+config (float32), AdamW, ROWS x SEQ tokens a micro-batch, STEPS steps (from the second on the optimizer state lives
+through the backward, as in a long run). Prints the peak resident memory above the start, in bytes, as JSON.
+
+    python tests/plan/measure_peak.py CONFIG_DIR ROWS SEQ [--lora R] [--checkpointing]
+"""
+
+import json
+import resource
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def main() -> None:
+    config_dir, rows, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    lora = int(sys.argv[sys.argv.index("--lora") + 1]) if "--lora" in sys.argv else 0
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = AutoConfig.from_pretrained(config_dir)
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    start = rss()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if "--checkpointing" in sys.argv:
+        model.gradient_checkpointing_enable()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora, target_modules="all-linear"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_above_start": peak - start}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`posttrain plan`: exact parameter and LoRA counts from a config on the meta device, the estimate against a measured
+peak on CPU (within 25%), the recipe's inputs per method kind, and the CLI offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.plan import GB, PlanError, PlanInputs, estimate, model_shape, plan_recipe
+from posttrain.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+MEASURE = Path(__file__).with_name("measure_peak.py")
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("llama_small")
+    LlamaConfig(vocab_size=16000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=512).save_pretrained(path)
+    return path
+
+
+def test_counts_are_exact(small_config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(small_config))
+    shape = model_shape(str(small_config), lora_r=8, lora_targets="all-linear")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    assert shape.lora_params == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert (shape.layers, shape.hidden, shape.kv_width, shape.vocab) == (4, 512, 256, 16000)
+    only_q = model_shape(str(small_config), lora_r=8, lora_targets=["q_proj"])
+    assert only_q.lora_params == 4 * 8 * (512 + 512)
+
+
+@pytest.mark.parametrize("rows,seq,extra", [(2, 64, []), (4, 256, []), (4, 256, ["--checkpointing"]),
+                                            (4, 128, ["--lora", "16"])])
+def test_estimate_within_25_percent_of_a_measured_cpu_peak(small_config, rows, seq, extra):
+    proc = subprocess.run([sys.executable, str(MEASURE), str(small_config), str(rows), str(seq), *extra],
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_start"]
+    lora = "--lora" in extra
+    shape = model_shape(str(small_config), lora_r=16 if lora else None, lora_targets="all-linear")
+    inp = PlanInputs(gpus=1, dtype_bytes=4, rows=rows, seq_len=seq, lora=lora, overhead_gb=0.0,
+                     gradient_checkpointing="--checkpointing" in extra)
+    planned = estimate(shape, inp)[0].total
+    assert abs(planned - measured) / measured < 0.25, (planned / GB, measured / GB)
+
+
+def test_sharding_divides_what_it_shards():
+    from posttrain.plan import ModelShape
+
+    shape = ModelShape(params=7_000_000_000, layers=28, hidden=3584, intermediate=18944, kv_width=512, vocab=152064)
+    one, *_ = estimate(shape, PlanInputs(gpus=1, dtype_bytes=2, overhead_gb=0))
+    ddp, zero2, fsdp, zero3 = estimate(shape, PlanInputs(gpus=8, dtype_bytes=2, overhead_gb=0))
+    assert ddp.weights == one.weights == 14e9 and ddp.optimizer == 2 * 2 * 7e9  # AdamW states in bf16 under torch
+    assert zero2.weights == ddp.weights and zero2.gradients == ddp.gradients / 8
+    assert zero2.optimizer == 12 * 7e9 / 8  # DeepSpeed: fp32 master weights + 2 fp32 states, sharded
+    assert fsdp.weights == zero3.weights == ddp.weights / 8
+    assert ddp.activations == fsdp.activations  # activations are per rank whatever the sharding
+
+
+def test_recipe_inputs_per_kind():
+    grpo = plan_recipe(load_recipe(REPO / "recipes/grpo/grpo.yaml"), gpus=8, params=1e9, layers=16, hidden=2048)
+    inp = grpo["inputs"]
+    assert inp["lora"] and inp["dtype_bytes"] == 4 and inp["gpus"] == 8 and inp["kv_rows"] == inp["rows"]
+    dpo = plan_recipe(load_recipe(REPO / "recipes/dpo/dpo.yaml"), params=1e9, layers=16, hidden=2048)["inputs"]
+    assert dpo["rows"] == 2 * 8 and dpo["seq_len"] == 256  # chosen and rejected rows, trainer.max_length
+    colocated = plan_recipe(load_recipe(REPO / "recipes/grpo/steer_gpu.yaml"), params=1e9, layers=16,
+                            hidden=2048)["inputs"]
+    assert colocated["vllm_share"] == 0.4  # the recipe's rollout.vllm.gpu_memory_utilization
+
+
+def test_an_unreadable_model_says_to_pass_params(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PlanError, match=r"model.name_or_path: cannot read the config of 'no-such/model'.*--params"):
+        model_shape("no-such/model")
+
+
+def test_cli_prints_the_table_offline():
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "plan", "recipes/grpo/grpo.yaml", "--gpus", "8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DDP" in proc.stdout and "launch/accelerate/multi_gpu.yaml" in proc.stdout and "recommended:" in proc.stdout
+    as_json = subprocess.run([sys.executable, "-m", "posttrain", "plan", "recipes/grpo/grpo.yaml", "--json"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    plan = json.loads(as_json.stdout)
+    assert plan["recommended"]["launch"] == "launch/accelerate/single_gpu.yaml" and torch.isfinite(
+        torch.tensor(plan["strategies"][0]["total"]))
