@@ -34,7 +34,8 @@ def main() -> None:
             Qwen2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                         intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied).save_pretrained(path)
             for setup, overrides in (("full", []), ("LoRA r64", ["model.peft={r: 64, alpha: 128}"])):
-                recipe = load_recipe(REPO / "recipes/grpo/steer_gpu.yaml", [f"model.name_or_path={path}", *SHAPE, *overrides])
+                recipe = load_recipe(REPO / "recipes/grpo/steer_gpu.yaml",
+                                     [f"model.name_or_path={path}", *SHAPE, *overrides])
                 peft = recipe.model.peft
                 shape = model_shape(str(path), peft.r if peft else None, peft.target_modules if peft else None)
                 for vllm in (True, False):

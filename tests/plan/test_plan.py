@@ -43,10 +43,13 @@ def test_counts_are_exact(small_config):
 
 
 @pytest.mark.parametrize("rows,seq,extra", [(2, 64, []), (4, 256, []), (4, 256, ["--checkpointing"]),
-                                            (4, 128, ["--lora", "16"])])
+                                            (4, 128, ["--lora", "16"]), (4, 256, ["--lora", "16"])])
 def test_estimate_within_25_percent_of_a_measured_cpu_peak(small_config, rows, seq, extra):
     proc = subprocess.run([sys.executable, str(MEASURE), str(small_config), str(rows), str(seq), *extra],
-                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "",
+                               # glibc's dynamic mmap threshold otherwise keeps freed tensors in the heap, and the
+                               # resident peak then depends on allocation order (measured: 0.61 to 0.91 GB for one run)
+                               "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_start"]
     lora = "--lora" in extra
