@@ -20,6 +20,14 @@ def rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def hwm() -> int:
+    """This process's resident high-water mark (VmHWM). Not ru_maxrss: Linux keeps that across fork and exec, so a
+    child of a large process (pytest) reports its parent's size."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def main() -> None:
     config_dir, rows, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     lora = int(sys.argv[sys.argv.index("--lora") + 1]) if "--lora" in sys.argv else 0
@@ -42,7 +50,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = hwm()
     print(json.dumps({"peak_above_start": peak - start}))
 
 

@@ -37,7 +37,7 @@ def test_adapter_names_are_unique_per_engine(monkeypatch, tmp_path):
             names.append(json.get("lora_name"))
             return SimpleNamespace(status_code=200, text="")
 
-    monkeypatch.setattr(vllm, "_save_adapter", lambda model, directory: directory)
+    monkeypatch.setattr(vllm, "_save_adapter", lambda model, directory, write=True: directory)
     for _ in range(2):
         engine = engine_cls("http://localhost:1", tokenizer=[0] * 10, adapter_dir=str(tmp_path))
         engine.session = Session()
