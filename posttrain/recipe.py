@@ -761,14 +761,26 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Reci
     return _validate(data, source, [])
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def _sharding_problems(recipe: Recipe) -> list[str]:
     """Main-process evaluation of a model whose parameters are sharded over ranks (FSDP, ZeRO-3) would hang: a
     forward pass there needs every rank's shards. Refused before any model loads."""
-    from posttrain.distributed import sharding_from_recipe
+    from posttrain.distributed import rank_info, sharding_from_recipe
 
     sharding = sharding_from_recipe(recipe.trainer)
     if sharding is None:
         return []
+    if rank_info()[2] > 1 and not _has_accelerator():
+        # accelerate turns on its FSDP / DeepSpeed plugin only from a GPU-type distributed state: launched on
+        # CPU (MULTI_CPU) it would silently train plain DDP with every parameter on every rank
+        return [f"trainer: {sharding} sharding needs GPUs; on CPU accelerate ignores the sharding plugin and would "
+                "train plain DDP (every rank holding the whole model). Launch CPU runs with "
+                "launch/accelerate/cpu_2proc.yaml (DDP over gloo)"]
     hint = ("the evaluation runs on the main process, whose forward pass needs every rank's parameter shards under "
             f"{sharding} training (it would hang); evaluate the saved checkpoint with `posttrain eval` instead")
     problems = []

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from posttrain.distributed import (
     SEED_STRIDE,
@@ -77,6 +78,20 @@ def test_main_process_evaluation_under_sharding_is_refused_before_any_model_load
     assert "eval.every_n_steps: the evaluation runs on the main process" in problems
     assert "eval.after:" in problems and "posttrain eval" in problems
     load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])  # nothing left to refuse
+
+
+def test_a_sharded_launch_on_cpu_is_refused_instead_of_running_plain_ddp(no_launcher_env):
+    """accelerate 1.x enables its FSDP plugin only from a GPU-type state: on CPU an FSDP launch trains DDP."""
+    no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
+    load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])  # not launched: `posttrain validate` on a laptop
+    import posttrain.distributed
+
+    # two launched processes (setting WORLD_SIZE would make TRL's config look for the launcher's MASTER_ADDR)
+    no_launcher_env.setattr(posttrain.distributed, "rank_info", lambda: (0, 0, 2))
+    no_launcher_env.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])
+    assert "fsdp sharding needs GPUs" in str(err.value) and "cpu_2proc.yaml" in str(err.value)
 
 
 def test_sharded_accelerators(no_launcher_env):

@@ -1,9 +1,11 @@
-"""Worker for test_grpo_methods_multiproc.py: trains a method on a tiny model with a DETERMINISTIC rollout, so
-that one process with a global batch of 16 and two processes with 8 each see exactly the same completions.
-Plain SGD, so that float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on
-near-zero gradient entries.
+"""Worker for test_grpo_methods_multiproc.py: trains GRPO and every entropy-control method on a tiny model with a
+DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
+float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
-    torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py METHOD OUT_DIR PER_DEVICE_BATCH
+Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM (one generation per micro-batch), trained one after the other in the same process group (one
+launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
+
+    torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
 """
 
 import re
@@ -12,9 +14,28 @@ from collections import defaultdict
 
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 
 from posttrain.models import load_model, load_tokenizer
 from posttrain.trainers import grpo
+
+# method -> (trainer class, config class, config fields): the four named trainers and the options on the base
+METHODS = {
+    "grpo": (grpo.GRPOTrainer, grpo.GRPOConfig, {}),
+    # the per-micro-batch methods are compared against gradient accumulation: loss_type grpo (a mean over each
+    # micro-batch's sequences) weighs micro-batches alike there, as DDP weighs processes; dapo's token normaliser
+    # would be one micro-batch's tokens in one process and the gathered batch's in two
+    "steer": (grpo.STEERTrainer, grpo.STEERConfig, {"loss_type": "grpo"}),
+    "steer_global": (grpo.STEERTrainer, grpo.STEERConfig, {"steer_max_scope": "global"}),
+    "epo": (grpo.EPOTrainer, grpo.EPOConfig, {"epo_lambda": 0.05}),  # large enough to move the weights
+    "dcpo": (grpo.DCPOTrainer, grpo.DCPOConfig, {}),
+    "bnpo": (grpo.BNPOTrainer, grpo.BNPOConfig, {}),
+    "qae": (grpo.EntropyControlTrainer, grpo.EntropyControlConfig, {"advantage": "qae"}),
+    # clip_ratio 1: every eligible token is dropped, so the draw among them (torch's RNG) does not matter
+    "clip_cov": (grpo.EntropyControlTrainer, grpo.EntropyControlConfig,
+                 {"token_weight": "clip_cov", "clip_cov_ratio": 1.0, "clip_cov_lb": 0.0, "clip_cov_ub": 1e9,
+                  "loss_type": "grpo"}),
+}
 
 
 def reward(prompts, completions, **kwargs):
@@ -43,22 +64,33 @@ def make_rollout(tokenizer):
     return rollout
 
 
-def main(method: str, out: str, per_device: int) -> None:
-    trainer_cls, config_cls = getattr(grpo, f"{method.upper()}Trainer"), getattr(grpo, f"{method.upper()}Config")
+def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int) -> None:
+    trainer_cls, config_cls, fields = METHODS[method]
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
             for a in range(6) for b in range(6)]
     tokenizer = load_tokenizer("tiny-qwen2")
     config = config_cls(output_dir=out, max_steps=2, per_device_train_batch_size=per_device, num_generations=8,
-                        max_completion_length=16, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
-                        save_strategy="no", seed=0, learning_rate=1.0, optim="sgd", disable_tqdm=True)
+                        gradient_accumulation_steps=grad_accum, steps_per_generation=1, max_completion_length=16, logging_steps=1,
+                        use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
+                        learning_rate=1.0 if not lora else 5.0, optim="sgd", disable_tqdm=True, **fields)
+    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0) if lora else None
+    torch.manual_seed(0)  # the same LoRA initialisation in every process and launch
     trainer = trainer_cls(model=load_model("tiny-qwen2"), reward_funcs=[reward], args=config,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          rollout_func=make_rollout(tokenizer))
+                          rollout_func=make_rollout(tokenizer), peft_config=peft_config)
     trainer.train()
     trainer.save_state()
     if trainer.accelerator.is_main_process:
-        torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters()}, f"{out}/weights.pt")
+        weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        torch.save(weights, f"{out}/weights.pt")
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(out: str, specs: list[str]) -> None:
+    for spec in specs:
+        name, method, lora, per_device, grad_accum = spec.split(":")
+        train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2:])

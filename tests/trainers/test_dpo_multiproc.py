@@ -1,4 +1,4 @@
-"""DPO-Shift in two real processes (torchrun, gloo on CPU) trains exactly like one process on the same global
+"""DPO and DPO-Shift in two real processes (torchrun, gloo on CPU) trains exactly like one process on the same global
 batch: the loss is a mean over pairs, DDP averages the gradients, TRL gathers the logged metrics, and f depends on
 the optimizer step only. Through `posttrain train` (the dpo pipeline) with LoRA and plain SGD (so that float
 rounding of the gradients is not amplified by Adam's g / sqrt(v))."""
@@ -27,12 +27,12 @@ def _pairs(path: Path) -> Path:
     return path
 
 
-def _run(nproc: int, out: Path, pairs: Path, port: int) -> tuple[list[dict], dict]:
+def _run(recipe: str, nproc: int, out: Path, pairs: Path, port: int) -> tuple[list[dict], dict]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), "-m", "posttrain", "train",
-           "recipes/dpo/dpo_shift_linear.yaml", "model.name_or_path=tiny-qwen2", f"data.train={pairs}",
+           recipe, "model.name_or_path=tiny-qwen2", f"data.train={pairs}",
            "data.eval=null", "data.task=null", "eval.before=false", "eval.after=false", "trainer.max_steps=3",
            f"trainer.per_device_train_batch_size={8 // nproc}", "trainer.optim=sgd", "trainer.learning_rate=0.5",
            f"output_dir={out}"]
@@ -44,14 +44,20 @@ def _run(nproc: int, out: Path, pairs: Path, port: int) -> tuple[list[dict], dic
 
 
 @pytest.mark.multiproc
-def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("recipe,port", [("recipes/dpo/dpo_shift_linear.yaml", 29541), ("recipes/dpo/dpo.yaml", 29543)],
+                         ids=["dpo_shift_linear", "dpo"])
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, recipe, port):
     pairs = _pairs(tmp_path / "pairs.jsonl")  # 8 pairs = one global batch of 8: every step sees all of them
-    one, w_one = _run(1, tmp_path / "one", pairs, 29541)
-    two, w_two = _run(2, tmp_path / "two", pairs, 29542)
+    one, w_one = _run(recipe, 1, tmp_path / "one", pairs, port)
+    two, w_two = _run(recipe, 2, tmp_path / "two", pairs, port + 1)
     assert len(one) == len(two) == 3
-    assert [h["dpo_shift/f"] for h in one] == pytest.approx([0.75, 0.75 + 0.25 / 3, 0.75 + 0.5 / 3])
+    shift = "dpo_shift" in recipe
+    if shift:
+        assert [h["dpo_shift/f"] for h in one] == pytest.approx([0.75, 0.75 + 0.25 / 3, 0.75 + 0.5 / 3])
+    else:
+        assert all("dpo_shift/f" not in h for h in one + two)
     for a, b in zip(one, two):
-        for k in KEYS:
+        for k in KEYS if shift else KEYS[:1] + KEYS[2:]:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     assert one[-1]["rewards/margins"] > 0  # it trained
     assert w_one.keys() == w_two.keys()
