@@ -4,11 +4,13 @@ Each variant trains the quickstart recipe (SmolLM2-135M-Instruct + LoRA, 2 promp
 tokens) for --steps steps in its own fresh process, after the other, and reports TRL's logged `step_time` of every
 step but the first (warm-up) with its median; ratios are against the first variant. `--before REV` adds the same
 run from a git worktree of REV (e.g. the commit before this work), so before/after come from the same machine in
-one invocation. Variants differ only in environment:
+one invocation. Variants differ in environment or in one recipe key:
 
-  default   torch's own threads (all cores) and libgomp's default spin-waiting
+  default   the recipe as shipped, torch's own threads (all cores) and libgomp's default spin-waiting
   passive   OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
   threads1  OMP_NUM_THREADS=1
+  ckpt      trainer.gradient_checkpointing=true (TRL's GRPOConfig default)
+  no_ckpt   trainer.gradient_checkpointing=false
 
     python bench/grpo_step_time.py --steps 5                       # ~15 minutes on 2 cores
     python bench/grpo_step_time.py --steps 5 --before e25cada --variants default passive
@@ -27,15 +29,20 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads1": {"OMP_NUM_THREADS": "1"}}
+# name -> (environment, recipe overrides)
+VARIANTS = {"default": ({}, []), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+            "threads1": ({"OMP_NUM_THREADS": "1"}, []),
+            "ckpt": ({}, ["trainer.gradient_checkpointing=true"]),
+            "no_ckpt": ({}, ["trainer.gradient_checkpointing=false"])}
 
 
-def run(tree: Path, env_extra: dict[str, str], model: str, steps: int, out: Path) -> dict:
+def run(tree: Path, variant: tuple[dict[str, str], list[str]], model: str, steps: int, out: Path) -> dict:
+    env_extra, overrides = variant
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(env_extra, PYTHONPATH=str(tree))
     cmd = [sys.executable, "-m", "posttrain", "train", str(tree / "recipes" / "quickstart.yaml"),
            f"model.name_or_path={model}", f"trainer.max_steps={steps}", "eval.before=false", "eval.after=false",
-           f"output_dir={out}", "trainer.disable_tqdm=true"]
+           f"output_dir={out}", "trainer.disable_tqdm=true", *overrides]
     subprocess.run(cmd, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     times = [h["step_time"] for h in history if "step_time" in h][1:]
@@ -58,7 +65,7 @@ def main() -> None:
             before = Path(tmp) / "before"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
                            check=True, capture_output=True)
-            trees.insert(0, (f"before:{args.before}", before, {}))
+            trees.insert(0, (f"before:{args.before}", before, VARIANTS["default"]))
         try:
             for name, tree, env in trees:
                 results[name] = run(tree, env, args.model, args.steps, Path(tmp) / name.replace(":", "_"))

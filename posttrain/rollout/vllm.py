@@ -306,6 +306,11 @@ class VLLMEngine(_Follows, _TextPrompts):
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # no network interface lookup for one process
             if cpu_kv_cache_gb is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gb)
+            # vLLM (0.32) rewinds a seeded request's generator with Generator.set_offset when it discards the token
+            # sampled after a partial (chunked) prefill, and CPU generators have no offset: "CPU Generator does not
+            # use offset" as soon as a batch's prompts exceed max_num_batched_tokens (64 prompts x 8 samples did).
+            # Whole-prompt prefill never discards a token.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(max_lora_rank),
                               max_loras=llm_kwargs.get("max_loras", 1))

@@ -371,3 +371,11 @@ def test_multi_turn_rollout_generates_through_the_vllm_engine(tmp_path):
         assert h["completions/mean_length"] < 48
         # the agent's tokens came from the engine in sync with the trainer (feedback tokens are NaN, left out)
         assert h["sampling/sampling_logp_difference/max"] < TOLERANCE
+
+
+def test_seeded_batch_longer_than_one_prefill_budget(engine, tok):
+    """Seeded requests whose prompts together exceed vLLM's token budget per step: with chunked prefill vLLM 0.32
+    rewinds a CPU generator's offset and fails ("CPU Generator does not use offset"); the engine turns it off."""
+    prompts = _prompts(tok, 160)  # about 30 tokens each: > 4096 prompt tokens with n = 2
+    out = engine.generate(prompts, _sampling(n=2, max_new_tokens=2, seed=3))
+    assert len(out) == 160 and all(len(o.completions) == 2 for o in out)
