@@ -2,8 +2,8 @@
 DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
 float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
-Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM (one generation per micro-batch), trained one after the other in the same process group (one
-launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
+Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM (one generation per micro-batch), trained one after the other
+in the same process group (one launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
 
     torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
 """
@@ -70,8 +70,8 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int) -
             for a in range(6) for b in range(6)]
     tokenizer = load_tokenizer("tiny-qwen2")
     config = config_cls(output_dir=out, max_steps=2, per_device_train_batch_size=per_device, num_generations=8,
-                        gradient_accumulation_steps=grad_accum, steps_per_generation=1, max_completion_length=16, logging_steps=1,
-                        use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
+                        gradient_accumulation_steps=grad_accum, steps_per_generation=1, max_completion_length=16,
+                        logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
                         learning_rate=1.0 if not lora else 5.0, optim="sgd", disable_tqdm=True, **fields)
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0) if lora else None
     torch.manual_seed(0)  # the same LoRA initialisation in every process and launch

@@ -1,7 +1,7 @@
-"""DPO and DPO-Shift in two real processes (torchrun, gloo on CPU) trains exactly like one process on the same global
-batch: the loss is a mean over pairs, DDP averages the gradients, TRL gathers the logged metrics, and f depends on
-the optimizer step only. Through `posttrain train` (the dpo pipeline) with LoRA and plain SGD (so that float
-rounding of the gradients is not amplified by Adam's g / sqrt(v))."""
+"""DPO and DPO-Shift in two real processes (torchrun, gloo on CPU) train exactly like one process on the same
+global batch: the loss is a mean over pairs, DDP averages the gradients, TRL gathers the logged metrics, and f
+depends on the optimizer step only. Through `posttrain train` (the dpo pipeline) with LoRA and plain SGD (so that
+float rounding of the gradients is not amplified by Adam's g / sqrt(v))."""
 
 import json
 import os
