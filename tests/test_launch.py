@@ -105,13 +105,16 @@ def test_cpu_2proc_config_starts_two_gloo_processes(tmp_path):
                       "s = PartialState(cpu=True)  # what the Trainer passes on a machine without a GPU\n"
                       "x = torch.tensor([float(s.process_index + 1)])\n"
                       "dist.all_reduce(x)\n"
-                      "print(f'rank {s.process_index}/{s.num_processes} backend {dist.get_backend()} sum {x.item()}', flush=True)\n"
+                      "import sys, pathlib\n"
+                      "line = f'rank {s.process_index}/{s.num_processes} backend {dist.get_backend()} sum {x.item()}'\n"
+                      "# one file per rank: two processes printing to one pipe can interleave their lines\n"
+                      "pathlib.Path(sys.argv[1], f'rank{s.process_index}.txt').write_text(line)\n"
                       "dist.barrier()\n"
                       "dist.destroy_process_group()  # gloo torn down at exit otherwise aborts now and then\n")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     proc = subprocess.run([accelerate, "launch", "--config_file", str(LAUNCH / "accelerate/cpu_2proc.yaml"),
-                           "--main_process_port", "29571", str(script)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "--main_process_port", "29571", str(script), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    out = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     assert out == ["rank 0/2 backend gloo sum 3.0", "rank 1/2 backend gloo sum 3.0"]
