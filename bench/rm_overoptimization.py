@@ -194,6 +194,7 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", default=["pairs", "members", "bon", "grpo"])
     p.add_argument("--forms", nargs="+", default=["heads"], help="proxy ensemble forms (heads, lora)")
     p.add_argument("--small", action="store_true", help="tiny-qwen2 and small sizes: a smoke run of every stage")
+    p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps per run (default 12; --small: 2)")
     a = p.parse_args()
     big = not a.small
     a.model = "smollm2-135m-instruct" if big else "tiny-qwen2"
@@ -204,7 +205,8 @@ def main() -> None:
     a.pair_prompts, a.eval_prompts = (128, 32) if big else (16, 8)
     a.epochs, a.head_lr, a.lora_lr = (3, 1e-3, 1e-4) if big else (1, 1e-3, 1e-4)
     a.bon_prompts, a.n = (24, 64) if big else (4, 8)
-    a.grpo_steps, a.grpo_eval = (12, 50) if big else (2, 4)
+    steps, a.grpo_eval = (12, 50) if big else (2, 4)
+    a.grpo_steps = a.grpo_steps or steps
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"

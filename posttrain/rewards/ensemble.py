@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ENSEMBLE_FILE", "FORMS", "HEAD_FILE", "EnsembleManifest", "RewardEnsemble", "load_reward_model",
-           "load_head", "pooled_outputs", "reward_head", "reward_input_ids", "save_head", "rm_ensemble"]
+           "load_head", "pooled_outputs", "reward_head", "reward_input_ids", "save_head", "sequence_scores",
+           "rm_ensemble"]
 
 ENSEMBLE_FILE = "ensemble.json"
 HEAD_FILE = "head.safetensors"
@@ -161,27 +163,72 @@ def reward_input_ids(tokenizer: Any, prompts: Sequence[Any], completions: Sequen
     return [list(ids) for ids in tokenizer(texts)["input_ids"]]
 
 
+MIN_SHARED_PREFIX = 8  # tokens a batch must share before its prefix gets a forward of its own
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first, k = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        j = 0
+        while j < k and s[j] == first[j]:
+            j += 1
+        k = j
+    return k
+
+
 def pooled_outputs(fn: Any, ids: Sequence[Sequence[int]], pad_token_id: int, device: Any,
-                   batch_size: int) -> torch.Tensor:
-    """[N, D] float32: `fn(input_ids, attention_mask) -> [B, D]` over N token sequences, `batch_size` at a time,
-    longest first (least padding), padded on the right; rows in input order. No gradient."""
+                   batch_size: int, share_prefix: bool = True) -> torch.Tensor:
+    """[N, D] float32: `fn(input_ids, attention_mask, past_key_values) -> [B, D]` over N token sequences,
+    `batch_size` at a time, padded on the right; rows in input order. No gradient.
+
+    Sequences are batched in token order, so those that share a prompt (the n completions of one prompt in GRPO
+    or best-of-n) and those that share a chat template's opening sit together. With `share_prefix`, a batch's
+    common prefix (at least MIN_SHARED_PREFIX tokens, and at least one token of every sequence after it that is
+    not padding, so the head still pools at the same token) runs once, and the batch continues from a copy of its
+    key/value cache: a prompt's forward is not repeated for each of its completions. Without it (or when `fn` is
+    given no cache, past_key_values None), each sequence runs whole."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
     n = len(ids)
-    order = sorted(range(n), key=lambda i: -len(ids[i]))
+    order = sorted(range(n), key=lambda i: list(ids[i]))
     parts: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            seqs = [torch.as_tensor(ids[i], dtype=torch.long) for i in order[start : start + batch_size]]
+            batch = [list(ids[i]) for i in order[start : start + batch_size]]
+            p = _common_prefix(batch) if share_prefix and len(batch) > 1 else 0
+            p = min(p, min(len(s) for s in batch) - 1)
+            if p >= MIN_SHARED_PREFIX and all(any(t != pad_token_id for t in s[p:]) for s in batch):
+                parts.append(_with_prefix(fn, batch, p, pad_token_id, device).float().cpu())
+                continue
+            seqs = [torch.as_tensor(s, dtype=torch.long) for s in batch]
             input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id)
             attention = pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
-            parts.append(fn(input_ids.to(device), attention.to(device)).float().cpu())
+            parts.append(fn(input_ids.to(device), attention.to(device), None).float().cpu())
     if not parts:
         return torch.empty(0, 0)
     out = torch.empty(n, parts[0].shape[1])
     out[torch.as_tensor(order)] = torch.cat(parts)
     return out
+
+
+def _with_prefix(fn: Any, batch: list[list[int]], p: int, pad_token_id: int, device: Any) -> torch.Tensor:
+    """`fn` over `batch`, whose first `p` tokens are the same in every sequence: the prefix once, then the rest."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import DynamicCache
+
+    prefix = torch.tensor([batch[0][:p]], device=device)
+    cache = DynamicCache()
+    fn(prefix, torch.ones_like(prefix), cache)
+    b = len(batch)
+    cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
+                                         for layer in cache.layers])
+    rest = [torch.as_tensor(s[p:], dtype=torch.long) for s in batch]
+    input_ids = pad_sequence(rest, batch_first=True, padding_value=pad_token_id).to(device)
+    attention = pad_sequence([torch.ones_like(x) for x in rest], batch_first=True).to(device)
+    attention = torch.cat([attention.new_ones(b, p), attention], dim=1)
+    return fn(input_ids, attention, cache)
 
 
 # --- the ensemble -----------------------------------------------------------------------------------------
@@ -191,7 +238,8 @@ class RewardEnsemble:
     """K reward models behind one call: `scores(prompts, completions) -> [K, N]`, and `__call__` adds the aggregate.
 
     Build it with `from_pretrained(folder)`; `members=[0]` keeps a subset (one member: a single reward model).
-    Batches are sorted by length and padded on the right, `batch_size` sequences at a time."""
+    Batches are formed in token order and padded on the right, `batch_size` sequences at a time; a batch's shared
+    prefix (the prompt of several completions, a chat template's opening) runs once (`pooled_outputs`)."""
 
     def __init__(self, manifest: EnsembleManifest, tokenizer: Any, models: list[Any], adapters: list[str] | None,
                  path: Path, batch_size: int = 16):
@@ -263,17 +311,16 @@ class RewardEnsemble:
     def _scorers(self) -> Iterator[Any]:
         """One function per pass over the data, `(input_ids, attention_mask) -> [B, d]` scores of d members."""
         if self.form == "heads":  # one pass: the stacked [K, H] head gives all K scores
-            model = self.models[0]
-            yield lambda i, a: model(input_ids=i, attention_mask=a).logits
+            yield partial(sequence_scores, self.models[0])
         elif self.form == "full":
             for model in self.models:
-                yield lambda i, a, m=model: m(input_ids=i, attention_mask=a).logits
+                yield partial(sequence_scores, model)
         else:
             for name in self.adapters or []:
                 yield _merged_lora_scorer(self.models[0], name)
 
     def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> torch.Tensor:
-        """[K, N] float32 scores of N token sequences (any order; longest batched first, results in input order)."""
+        """[K, N] float32 scores of N token sequences (any order; results in input order)."""
         import torch
 
         if not ids:
@@ -292,6 +339,18 @@ class RewardEnsemble:
 
         scores = self.scores(prompts, completions, batch_size)
         return aggregate(scores, how, uwo_lambda), scores
+
+
+def _model_kwargs(input_ids: Any, attention_mask: Any, past_key_values: Any) -> dict[str, Any]:
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if past_key_values is not None:  # continue from a shared prefix's cache (pooled_outputs)
+        kwargs.update(past_key_values=past_key_values, use_cache=True)
+    return kwargs
+
+
+def sequence_scores(model: Any, input_ids: Any, attention_mask: Any, past_key_values: Any = None) -> Any:
+    """A sequence-classification model's scores `[B, num_labels]`, at the last non-pad token of each row."""
+    return model(**_model_kwargs(input_ids, attention_mask, past_key_values)).logits
 
 
 def _load_full(manifest: EnsembleManifest, dirs: list[Path], options: dict[str, Any]) -> tuple[list[Any], None]:
@@ -356,10 +415,10 @@ def _merged_lora_scorer(model: Any, adapter: str) -> Any:
                 for name, p in module.modules_to_save[adapter].named_parameters():
                     params[f"{path}.original_module.{name}"] = p
 
-    def scorer(input_ids: Any, attention_mask: Any) -> Any:
+    def scorer(input_ids: Any, attention_mask: Any, past_key_values: Any = None) -> Any:
         with model.disable_adapter():  # LoRA layers run only their (substituted) base layer, heads the original
-            return torch.func.functional_call(model, params, (), {"input_ids": input_ids,
-                                                                  "attention_mask": attention_mask}).logits
+            return torch.func.functional_call(model, params, (), _model_kwargs(input_ids, attention_mask,
+                                                                                past_key_values)).logits
 
     return scorer
 

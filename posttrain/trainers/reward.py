@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,15 @@ import trl
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from posttrain.rewards.ensemble import FORMS, HEAD_FILE, load_head, pooled_outputs, reward_head, save_head
+from posttrain.rewards.ensemble import (
+    FORMS,
+    HEAD_FILE,
+    load_head,
+    pooled_outputs,
+    reward_head,
+    save_head,
+    sequence_scores,
+)
 
 __all__ = ["FeatureHeadModel", "RewardConfig", "RewardEnsembleConfig", "RewardTrainer", "head_features",
            "init_reward_head"]
@@ -108,8 +117,7 @@ def head_features(model: Any, ids: Sequence[Sequence[int]], pad_token_id: int, b
     model.eval()
     try:
         device = next(model.parameters()).device
-        return pooled_outputs(lambda i, a: model(input_ids=i, attention_mask=a).logits, ids, pad_token_id, device,
-                              batch_size)
+        return pooled_outputs(partial(sequence_scores, model), ids, pad_token_id, device, batch_size)
     finally:
         setattr(model, name, head)
         model.train(was_training)

@@ -63,6 +63,54 @@ def test_three_forms_same_interface_and_each_member_equals_its_single_model(form
     assert one.k == 1 and one.seeds == [43] and torch.allclose(one.scores(PROMPTS, COMPLETIONS)[0], scores[1])
 
 
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_shared_prompt_runs_once_and_scores_stay_those_of_whole_sequences(form, monkeypatch):
+    """Three completions of each of two prompts: the batches in token order hold one prompt each, its prefix runs
+    once and the completions continue from its cache; the scores equal those of the whole sequences."""
+    import posttrain.rewards.ensemble as ensemble_module
+
+    folder = trained_ensemble(form)
+    ens = RewardEnsemble.from_pretrained(folder, batch_size=3)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 3
+    completions = [answer("5"), answer("The answer is \\boxed{5}."), answer("It is five, I think"),
+                   answer("10"), answer("It is 7"), answer("The sum is \\boxed{10}. Done.")]
+    prefixes = []
+    real = ensemble_module._with_prefix
+    monkeypatch.setattr(ensemble_module, "_with_prefix", lambda fn, batch, p, *a: prefixes.append(p) or real(
+        fn, batch, p, *a))
+    shared = ens.scores(prompts, completions)
+    ids = reward_input_ids(ens.tokenizer, prompts, completions)
+    prompt_tokens = len(reward_input_ids(ens.tokenizer, [PROMPTS[0]], [[]])[0])
+    assert prefixes and min(prefixes) >= prompt_tokens - 2  # the whole prompt (up to the assistant header) shared
+    whole = torch.cat([ensemble_module.pooled_outputs(fn, ids, ens.tokenizer.pad_token_id, ens.device, 3,
+                                                      share_prefix=False) for fn in ens._scorers()], dim=1).T
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        single = _single_member(folder, form, 1)
+        reference = torch.stack([single(input_ids=torch.tensor([x])).logits[0, 0] for x in ids])
+    torch.testing.assert_close(shared[1], reference, atol=1e-5, rtol=0)
+
+
+def test_no_shared_prefix_when_a_continuation_would_be_only_padding():
+    """A sequence whose tokens after the shared prefix are all the pad id would pool at the wrong token: such a
+    batch runs whole."""
+    from posttrain.rewards.ensemble import MIN_SHARED_PREFIX, pooled_outputs
+
+    calls = []
+
+    def fn(input_ids, attention_mask, past_key_values):
+        calls.append((input_ids.shape, past_key_values is not None))
+        return input_ids.float().sum(1, keepdim=True)
+
+    head = list(range(10, 10 + MIN_SHARED_PREFIX + 2))
+    out = pooled_outputs(fn, [head + [0, 0], head + [5, 6, 7]], pad_token_id=0, device="cpu", batch_size=2)
+    assert calls == [((2, len(head) + 3), False)] and out[:, 0].tolist() == [sum(head), sum(head) + 18]
+    calls.clear()
+    pooled_outputs(fn, [head + [3, 0], head + [5, 6, 7]], pad_token_id=0, device="cpu", batch_size=2)
+    # the prefix once (filling a cache), then the continuations from it
+    assert calls == [((1, len(head)), True), ((2, 3), True)]
+
 def test_member_weights_differ_by_seed_and_heads_members_hold_only_the_head():
     heads = trained_ensemble("heads")
     w = [load_file(heads / f"member_{k}" / HEAD_FILE)["weight"] for k in range(2)]
