@@ -314,7 +314,7 @@ def _cmd_bon(args: argparse.Namespace) -> int:
                           system_prompt=args.system_prompt, batch_size=args.batch_size, dtype=args.dtype,
                           members=args.member, progress=not args.no_progress, n=args.n, aggregate=args.aggregate,
                           uwo_lambda=args.uwo_lambda, temperature=args.temperature, top_p=args.top_p,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, normalize=not args.raw_scores)
     except ValueError as err:
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--n", type=int, default=16, help="samples per prompt, N (default 16)")
     bon.add_argument("--aggregate", default="mean", help="aggregate that picks: mean, wco, uwo (default mean)")
     bon.add_argument("--uwo-lambda", type=float, default=0.5, help="lambda of uwo (Coste et al.: 0.5 for BoN)")
+    bon.add_argument("--raw-scores", action="store_true",
+                     help="aggregate raw member scores, not scores standardised with each member's calibration in "
+                          "ensemble.json (a reward model's offset is arbitrary, so raw WCO/UWO mostly follow the "
+                          "member offsets)")
     bon.add_argument("--gold", default="accuracy", help="gold reward, a registered reward (default accuracy)")
     bon.add_argument("--temperature", type=float, default=1.0)
     bon.add_argument("--top-p", type=float, default=1.0)

@@ -113,9 +113,12 @@ def best_of_n(engine: Any, tokenizer: Any, ensemble: Any, task: Any, rows: Seque
                             "completions": [c.text for c in o.completions],
                             "lengths": [len(c.token_ids) for c in o.completions],
                             "member_scores": scores[:, i].tolist(), "gold": golds[i].tolist()})
-    scores, golds = torch.cat(all_scores, dim=1), torch.cat(all_gold, dim=0)
+    raw, golds = torch.cat(all_scores, dim=1), torch.cat(all_gold, dim=0)
     if torch.isnan(golds).any():
         raise ValueError("best_of_n: the gold reward returned None for some completions")
+    # aggregates of standardised member scores (RewardEnsemble.standardize); a member's own ranking is unchanged
+    standardize = getattr(ensemble, "standardize", None)
+    scores = standardize(raw) if standardize is not None else raw
     names = AGGREGATES.names()
     picks = {how: _picks(scores, how, uwo_lambda) for how in names}
     with open(out / "samples_bon.jsonl", "w", encoding="utf-8") as f:
@@ -128,7 +131,7 @@ def best_of_n(engine: Any, tokenizer: Any, ensemble: Any, task: Any, rows: Seque
         "suite": {"name": "best-of-n"},
         "model": model_info or {},
         "ensemble": {"path": str(getattr(ensemble, "path", "")), "form": ensemble.form, "k": ensemble.k,
-                     "seeds": ensemble.seeds},
+                     "seeds": ensemble.seeds, "standardized": scores is not raw},
         "config": {"task": task.name, "n": n, "aggregate": aggregate, "uwo_lambda": uwo_lambda,
                    "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
                    "prompts": len(records), "gold": getattr(gold, "__name__", str(gold))},
@@ -169,10 +172,12 @@ def run_bon(model: str, ensemble: str | Path, output_dir: str | Path, *, task: s
             options: dict[str, Any] | None = None, split: str = "test", path: str | None = None,
             limit: int | None = 32, adapter: str | None = None, engine: str = "hf", gold: str = "accuracy",
             system_prompt: str | None = None, batch_size: int = 8, dtype: str = "auto",
-            members: list[int] | None = None, progress: bool = True, **kwargs: Any) -> dict[str, Any]:
+            members: list[int] | None = None, progress: bool = True, normalize: bool = True,
+            **kwargs: Any) -> dict[str, Any]:
     """Load the policy `model` (+ `adapter`), the ensemble at `ensemble`, the task's `split` rows, and run
     `best_of_n` (kwargs: n, aggregate, uwo_lambda, temperature, top_p, max_new_tokens, seed). `gold` names a
-    registered reward (posttrain.rewards.REWARDS) built for the task."""
+    registered reward (posttrain.rewards.REWARDS) built for the task. `normalize=False` aggregates raw member
+    scores instead of standardised ones."""
     import torch
 
     from posttrain.data import get_task
@@ -183,7 +188,7 @@ def run_bon(model: str, ensemble: str | Path, output_dir: str | Path, *, task: s
     t = get_task(task, system_prompt=system_prompt, **(options or {}))
     rows = list(t.load(split=split, path=path, limit=limit))
     gold_fn = get_reward(gold, t)
-    ens = RewardEnsemble.from_pretrained(ensemble, members=members, batch_size=batch_size * 4)
+    ens = RewardEnsemble.from_pretrained(ensemble, members=members, batch_size=batch_size * 4, normalize=normalize)
     net, tokenizer, _ = _load(model, adapter, dtype)
     if torch.cuda.is_available():
         net.to("cuda")

@@ -40,6 +40,7 @@ from posttrain.recipe import Recipe
 __all__ = ["RewardDataSpec", "RewardEvalSpec", "RewardPipeline", "evaluate_pairs", "with_label_noise"]
 
 MEMBER_FILE = "member.json"  # written when a member has finished: a resumed run skips it
+CALIBRATION_PAIRS = 256  # training pairs scored for the calibration when there is no held-out data
 
 
 @dataclass
@@ -218,9 +219,32 @@ class RewardPipeline(Pipeline):
             EnsembleManifest(form, names, [x.seed for x in p.members], None if form == "full" else m.name_or_path,
                              options, recipe.method).write(folder)
             ctx.tokenizer.save_pretrained(folder)
+            ensemble = self._calibrate(ctx, p, summary)
             if recipe.eval.after and p.eval_ds is not None:
-                summary["eval_after"] = self._evaluate(ctx, p)
+                summary["eval_after"] = self._evaluate(ctx, p, ensemble)
         return RunOutcome(summary=summary, log_history=history)
+
+    def _calibrate(self, ctx: RunContext, p: RewardPrepared, summary: dict[str, Any]) -> Any:
+        """Each member's score mean and deviation on reference responses into ensemble.json: the chosen and
+        rejected responses of the held-out pairs, else of up to CALIBRATION_PAIRS training pairs. The aggregates
+        standardise with it (`calibration_stats` says why)."""
+        from posttrain.rewards.ensemble import RewardEnsemble, calibration_stats
+
+        ensemble = RewardEnsemble.from_pretrained(ctx.output_dir, batch_size=ctx.recipe.eval.batch_size,
+                                                  normalize=False)
+        if on_gpu():
+            ensemble.to("cuda")
+        if p.eval_ds is not None:
+            pairs, source = p.eval_ds, "held-out pairs"
+        else:
+            pairs, source = p.train_ds.select(range(min(len(p.train_ds), CALIBRATION_PAIRS))), "training pairs"
+        prompts = list(pairs["prompt"])
+        scores = ensemble.scores(prompts * 2, list(pairs["chosen"]) + list(pairs["rejected"]))
+        ensemble.manifest.calibration = calibration_stats(scores, f"{source} (chosen and rejected)")
+        ensemble.save_calibration()
+        ensemble.normalize = True
+        summary["calibration"] = ensemble.manifest.calibration
+        return ensemble
 
     def _train_member(self, ctx: RunContext, p: RewardPrepared, member: Member, model: Any,
                       data: tuple[Any, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
@@ -291,14 +315,8 @@ class RewardPipeline(Pipeline):
         summary["feature_minutes"] = (time.perf_counter() - t0) / 60
         return table, indexed[0], indexed[1]
 
-    def _evaluate(self, ctx: RunContext, p: RewardPrepared) -> dict[str, Any]:
-        from posttrain.rewards.ensemble import RewardEnsemble
-
-        ev = ctx.recipe.eval
-        ensemble = RewardEnsemble.from_pretrained(ctx.output_dir, batch_size=ev.batch_size)
-        if on_gpu():
-            ensemble.to("cuda")
-        metrics, records = evaluate_pairs(ensemble, p.eval_ds, ev.uwo_lambda)
+    def _evaluate(self, ctx: RunContext, p: RewardPrepared, ensemble: Any) -> dict[str, Any]:
+        metrics, records = evaluate_pairs(ensemble, p.eval_ds, ctx.recipe.eval.uwo_lambda)
         ctx.report_dir.mkdir(parents=True, exist_ok=True)
         with open(ctx.report_dir / "eval_pairs.jsonl", "w") as f:
             for r in records:
@@ -329,8 +347,9 @@ class RewardPipeline(Pipeline):
 
 
 def evaluate_pairs(ensemble: Any, pairs: Any, uwo_lambda: float = 0.5) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Pairwise accuracy (score(chosen) > score(rejected)) of each member and of each registered aggregate on
-    `pairs` (prompt, chosen, rejected), and one record per pair with every member's two scores."""
+    """Pairwise accuracy (score(chosen) > score(rejected)) of each member and of each registered aggregate (of the
+    standardised scores, as the ensemble aggregates) on `pairs` (prompt, chosen, rejected), and one record per pair
+    with every member's two raw scores."""
     import torch
 
     from posttrain.algos import AGGREGATES
@@ -341,7 +360,8 @@ def evaluate_pairs(ensemble: Any, pairs: Any, uwo_lambda: float = 0.5) -> tuple[
     chosen, rejected = both[:, : len(prompts)], both[:, len(prompts):]
     accuracy = {f"member_{k}": (chosen[k] > rejected[k]).float().mean().item() for k in range(ensemble.k)}
     for how in AGGREGATES.names():
-        wins = aggregate(chosen, how, uwo_lambda) > aggregate(rejected, how, uwo_lambda)
+        wins = (aggregate(ensemble.standardize(chosen), how, uwo_lambda)
+                > aggregate(ensemble.standardize(rejected), how, uwo_lambda))
         accuracy[how] = wins.float().mean().item()
     ids = pairs["id"] if "id" in pairs.column_names else list(range(len(prompts)))
     records = [{"id": i, "chosen": c, "rejected": r} for i, c, r in zip(ids, chosen.T.tolist(), rejected.T.tolist())]

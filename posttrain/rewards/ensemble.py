@@ -20,6 +20,7 @@ torch, transformers and peft are imported when an ensemble is loaded, not with t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.rewards import RewardFunc, register_reward
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["ENSEMBLE_FILE", "FORMS", "HEAD_FILE", "EnsembleManifest", "RewardEnsemble", "load_reward_model",
            "load_head", "pooled_outputs", "reward_head", "reward_input_ids", "save_head", "sequence_scores",
-           "rm_ensemble"]
+           "calibration_stats", "rm_ensemble"]
 
 ENSEMBLE_FILE = "ensemble.json"
 HEAD_FILE = "head.safetensors"
@@ -55,6 +58,9 @@ class EnsembleManifest:
     base: str | None = None
     base_options: dict[str, Any] = field(default_factory=dict)  # dtype, revision, gguf_file, trust_remote_code
     method: str = "reward_ensemble"
+    # each member's score mean and standard deviation on reference responses (`calibration_stats`), written after
+    # training; the aggregates standardise with it (RewardEnsemble.standardize)
+    calibration: dict[str, Any] | None = None
 
     @property
     def k(self) -> int:
@@ -85,7 +91,27 @@ class EnsembleManifest:
                              f"{len(manifest.seeds)} seeds")
         if manifest.form != "full" and not manifest.base:
             raise ValueError(f"{path}: form {manifest.form!r} needs the base model (key 'base')")
+        cal = manifest.calibration
+        if cal is not None and not (isinstance(cal, dict) and all(
+                isinstance(cal.get(key), list) and len(cal[key]) == manifest.k for key in ("mean", "std"))):
+            raise ValueError(f"{path}: 'calibration' needs lists 'mean' and 'std' with one value per member "
+                             f"({manifest.k})")
         return manifest
+
+
+def calibration_stats(scores: torch.Tensor, source: str) -> dict[str, Any]:
+    """Per-member mean and population standard deviation of `scores [K, M]` (M reference responses).
+
+    A Bradley-Terry reward model is defined only up to an additive constant: its loss sees score differences
+    within a pair, so two members trained with different seeds can be offset by any amount. Across members, only
+    standardised scores are comparable; on raw ones WCO's minimum follows whichever member has the lowest offset
+    and UWO's variance measures the offsets. A zero deviation (a constant member) is stored as 1."""
+    import torch
+
+    mean = scores.double().mean(dim=1)
+    std = scores.double().std(dim=1, correction=0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return {"mean": mean.tolist(), "std": std.tolist(), "source": source, "n": int(scores.shape[1])}
 
 
 # --- models and heads -----------------------------------------------------------------------------------
@@ -242,13 +268,18 @@ class RewardEnsemble:
     prefix (the prompt of several completions, a chat template's opening) runs once (`pooled_outputs`)."""
 
     def __init__(self, manifest: EnsembleManifest, tokenizer: Any, models: list[Any], adapters: list[str] | None,
-                 path: Path, batch_size: int = 16):
+                 path: Path, batch_size: int = 16, normalize: bool = True):
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.models = models  # full: K models; lora: [PeftModel with K adapters]; heads: [model with a K-wide head]
         self.adapters = adapters
         self.path = path
         self.batch_size = batch_size
+        self.normalize = normalize
+        if normalize and manifest.calibration is None:
+            logger.warning("%s: ensemble.json has no calibration (trained before posttrain wrote one), so the "
+                           "aggregates use raw member scores, whose offsets are arbitrary; RewardEnsemble.calibrate"
+                           "(prompts, completions) and save_calibration() add one", path)
 
     @property
     def form(self) -> str:
@@ -277,8 +308,9 @@ class RewardEnsemble:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, members: Sequence[int] | None = None, device: Any = None,
-                        dtype: str | None = None, batch_size: int = 16) -> RewardEnsemble:
+                        dtype: str | None = None, batch_size: int = 16, normalize: bool = True) -> RewardEnsemble:
         """Load the ensemble (or single reward model) trained into `path`. `dtype` defaults to the training dtype.
+        `normalize` (default) aggregates standardised member scores (`standardize`); False aggregates raw ones.
         Raises naming the path when a member folder, its weights or its reward head is missing or malformed."""
         from posttrain.models import load_tokenizer
 
@@ -288,9 +320,12 @@ class RewardEnsemble:
             bad = [i for i in members if not 0 <= i < manifest.k]
             if bad or not members:
                 raise ValueError(f"{folder / ENSEMBLE_FILE}: members {list(members)} not in 0..{manifest.k - 1}")
+            cal = manifest.calibration
+            if cal is not None:
+                cal = {**cal, "mean": [cal["mean"][i] for i in members], "std": [cal["std"][i] for i in members]}
             manifest = EnsembleManifest(manifest.form, [manifest.members[i] for i in members],
                                         [manifest.seeds[i] for i in members], manifest.base, manifest.base_options,
-                                        manifest.method)
+                                        manifest.method, cal)
         dirs = [folder / m for m in manifest.members]
         for d in dirs:
             if not d.is_dir():
@@ -305,7 +340,7 @@ class RewardEnsemble:
         for m in models:
             m.config.pad_token_id = tokenizer.pad_token_id  # the head pools at the last non-pad token
             m.eval()
-        ensemble = cls(manifest, tokenizer, models, adapters, folder, batch_size)
+        ensemble = cls(manifest, tokenizer, models, adapters, folder, batch_size, normalize)
         return ensemble.to(device) if device is not None else ensemble
 
     def _scorers(self) -> Iterator[Any]:
@@ -329,16 +364,40 @@ class RewardEnsemble:
         return torch.cat([pooled_outputs(fn, ids, pad, self.device, size) for fn in self._scorers()], dim=1).T
 
     def scores(self, prompts: Sequence[Any], completions: Sequence[Any], batch_size: int | None = None) -> torch.Tensor:
-        """[K, N]: every member's score of each (prompt, completion); strings or chat messages, as in training."""
+        """[K, N]: every member's raw score of each (prompt, completion); strings or chat messages, as in training."""
         return self.score_ids(reward_input_ids(self.tokenizer, prompts, completions), batch_size)
+
+    def standardize(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores [K, ...]` in each member's standard units, (s - mean_k) / std_k with the calibration of
+        ensemble.json, when `normalize` is on and a calibration exists (`calibration_stats` says why); otherwise
+        the scores unchanged. A member's own ranking of responses is the same either way."""
+        import torch
+
+        cal = self.manifest.calibration
+        if not self.normalize or cal is None:
+            return scores
+        shape = (-1,) + (1,) * (scores.dim() - 1)  # members first: [K, N], or [K, prompts, samples]
+        mean = torch.tensor(cal["mean"], dtype=scores.dtype, device=scores.device).view(shape)
+        std = torch.tensor(cal["std"], dtype=scores.dtype, device=scores.device).view(shape)
+        return (scores - mean) / std
+
+    def calibrate(self, prompts: Sequence[Any], completions: Sequence[Any], source: str = "given responses") -> dict:
+        """Set the calibration from the members' raw scores of these reference responses (`save_calibration`
+        writes it to ensemble.json)."""
+        self.manifest.calibration = calibration_stats(self.scores(prompts, completions), source)
+        return self.manifest.calibration
+
+    def save_calibration(self) -> Path:
+        return self.manifest.write(self.path)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], how: str = "mean",
                  uwo_lambda: float = 0.5, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(aggregate [N], member scores [K, N]); `how` is a registered aggregate (mean, wco, uwo)."""
+        """(aggregate [N], member scores [K, N]); `how` is a registered aggregate (mean, wco, uwo). The aggregate
+        is of the standardised scores (`standardize`), the member scores returned are raw."""
         from posttrain.algos.ensembles import aggregate
 
         scores = self.scores(prompts, completions, batch_size)
-        return aggregate(scores, how, uwo_lambda), scores
+        return aggregate(self.standardize(scores), how, uwo_lambda), scores
 
 
 def _model_kwargs(input_ids: Any, attention_mask: Any, past_key_values: Any) -> dict[str, Any]:
@@ -446,9 +505,10 @@ def _load_heads(manifest: EnsembleManifest, dirs: list[Path], options: dict[str,
 
 @register_reward("rm_ensemble")
 def rm_ensemble(task: Any, path: str, aggregate: str = "mean", uwo_lambda: float = 0.1,
-                members: list[int] | None = None, batch_size: int = 16) -> RewardFunc:
+                members: list[int] | None = None, batch_size: int = 16, normalize: bool = True) -> RewardFunc:
     """The ensemble at `path` as a TRL reward: the `aggregate` (mean, wco, uwo with `uwo_lambda`; Coste et al.'s
-    lambda for RL is 0.1) of the members' scores of each completion. `members` keeps a subset ([0]: one proxy).
+    lambda for RL is 0.1) of the members' standardised scores of each completion (`normalize: false`: raw
+    scores). `members` keeps a subset ([0]: one proxy). The logged statistics are of the scores aggregated.
     Logs `rm_ensemble/mean`, `/min`, `/max`, `/std` per step through TRL's `log_metric` (averaged over processes):
     a rising std is the overoptimisation alarm. The ensemble sits on this process's accelerator (or the CPU)."""
     import torch
@@ -457,7 +517,7 @@ def rm_ensemble(task: Any, path: str, aggregate: str = "mean", uwo_lambda: float
     from posttrain.algos.ensembles import member_statistics
 
     AGGREGATES.get(aggregate)  # an unknown name fails here, before any model loads
-    ensemble = RewardEnsemble.from_pretrained(path, members=members, batch_size=batch_size)
+    ensemble = RewardEnsemble.from_pretrained(path, members=members, batch_size=batch_size, normalize=normalize)
     if torch.cuda.is_available():
         ensemble.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
@@ -465,7 +525,7 @@ def rm_ensemble(task: Any, path: str, aggregate: str = "mean", uwo_lambda: float
                     log_metric: Any = None, **kwargs: Any) -> list[float | None]:
         agg, scores = ensemble(prompts, completions, how=aggregate, uwo_lambda=uwo_lambda)
         if log_metric is not None:
-            for key, value in member_statistics(scores).items():
+            for key, value in member_statistics(ensemble.standardize(scores)).items():
                 log_metric(f"rm_ensemble/{key}", value)
         return agg.tolist()
 

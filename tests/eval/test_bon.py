@@ -49,8 +49,9 @@ def test_best_of_n_writes_picks_scores_and_curves(tmp_path):
     assert len(records) == 5 and len(records[0]["completions"]) == 6 and len(records[0]["member_scores"]) == 2
     gold = torch.tensor([r["gold"] for r in records])
     assert gold[:, 0].eq(1).all() and gold[:, 4].eq(1).all() and gold[:, 1].eq(0).all()  # the task's grader
-    scores = torch.tensor([r["member_scores"] for r in records]).permute(1, 0, 2)  # [K, M, N]
-    wco = aggregate(scores.reshape(2, -1), "wco").reshape(5, 6)
+    scores = torch.tensor([r["member_scores"] for r in records]).permute(1, 0, 2)  # raw [K, M, N]
+    wco = aggregate(ensemble.standardize(scores).reshape(2, -1), "wco").reshape(5, 6)  # aggregated standardised
+    assert results["ensemble"]["standardized"]
     for i, r in enumerate(records):
         assert r["picks"]["wco"] == int(torch.nonzero(wco[i] == wco[i].max())[-1])  # ties: the later sample
     assert results["picks"]["gold_mean"] == pytest.approx(gold[torch.arange(5), wco.argmax(1)].mean().item())

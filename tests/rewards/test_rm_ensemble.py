@@ -21,7 +21,10 @@ COMPLETIONS = [answer("The answer is \\boxed{5}."), answer("It is 7"), answer("1
 
 def test_reward_values_and_logged_member_statistics():
     folder = trained_ensemble("heads")
-    scores = RewardEnsemble.from_pretrained(folder).scores(PROMPTS, COMPLETIONS)
+    ensemble = RewardEnsemble.from_pretrained(folder)
+    raw = ensemble.scores(PROMPTS, COMPLETIONS)
+    scores = ensemble.standardize(raw)  # what the reward aggregates and logs
+    assert not torch.allclose(scores, raw)
     logged: dict[str, float] = {}
     fn = get_reward("rm_ensemble", None, path=str(folder), aggregate="uwo", uwo_lambda=0.1)
     assert fn.__name__ == "rm_ensemble"
@@ -32,6 +35,8 @@ def test_reward_values_and_logged_member_statistics():
         assert logged[f"rm_ensemble/{key}"] == pytest.approx(value, abs=1e-6)
     single = get_reward("rm_ensemble", None, path=str(folder), members=[1])
     assert single(PROMPTS, COMPLETIONS) == pytest.approx(scores[1].tolist(), abs=1e-6)  # one proxy: no aggregate
+    unscaled = get_reward("rm_ensemble", None, path=str(folder), aggregate="wco", normalize=False)
+    assert unscaled(PROMPTS, COMPLETIONS) == pytest.approx(aggregate(raw, "wco").tolist(), abs=1e-6)
     with pytest.raises(KeyError, match="unknown ensemble_aggregate 'wcoo'"):
         get_reward("rm_ensemble", None, path=str(folder), aggregate="wcoo")
     with pytest.raises(FileNotFoundError, match="ensemble.json not found"):

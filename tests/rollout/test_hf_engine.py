@@ -186,9 +186,9 @@ def test_continuous_batching_gives_the_static_batches_greedy_outputs_without_ste
         varied, batch_size, prefix):
     """Greedy outputs, log-probs and entropies as static `generate` batches give, rows joining a running batch
     (and, with a shared prefix, starting from its cache)."""
-    from posttrain.rollout.hf import _ContinuousDecoder
-
     from collections import Counter
+
+    from posttrain.rollout.hf import _ContinuousDecoder
 
     model, tok, prompts = varied
     prompts = [prefix + p for p in prompts]

@@ -50,7 +50,7 @@ def test_three_forms_same_interface_and_each_member_equals_its_single_model(form
     for how in ("mean", "wco", "uwo"):
         agg, scores = ens(PROMPTS, COMPLETIONS, how=how, uwo_lambda=0.5)
         assert agg.shape == (4,) and scores.shape == (2, 4) and scores.dtype == torch.float32
-        assert torch.equal(agg, aggregate(scores, how, 0.5))
+        assert torch.equal(agg, aggregate(ens.standardize(scores), how, 0.5))
     ids = reward_input_ids(ens.tokenizer, PROMPTS, COMPLETIONS)
     assert len({len(x) for x in ids}) > 1  # the batch needs padding: pooling at the last real token is tested
     with torch.inference_mode():
@@ -110,6 +110,70 @@ def test_no_shared_prefix_when_a_continuation_would_be_only_padding():
     pooled_outputs(fn, [head + [3, 0], head + [5, 6, 7]], pad_token_id=0, device="cpu", batch_size=2)
     # the prefix once (filling a cache), then the continuations from it
     assert calls == [((1, len(head)), True), ((2, 3), True)]
+
+
+def test_training_writes_each_members_calibration_on_reference_responses(tmp_path):
+    """ensemble.json holds each member's score mean and deviation on the held-out pairs' responses (on training
+    pairs without held-out data); the aggregates standardise with it."""
+    from posttrain.rewards.ensemble import EnsembleManifest
+
+    folder = trained_ensemble("heads")
+    cal = EnsembleManifest.read(folder).calibration
+    assert cal["source"].startswith("held-out pairs") and cal["n"] == 24  # 12 pairs, chosen and rejected
+    ens = RewardEnsemble.from_pretrained(folder, normalize=False)
+    eval_pairs = [json.loads(line) for line in (folder.parent / "ensemble-pairs" / "eval.jsonl").open()]
+    raw = ens.scores([r["prompt"] for r in eval_pairs] * 2, [r["chosen"] for r in eval_pairs] +
+                     [r["rejected"] for r in eval_pairs])
+    torch.testing.assert_close(torch.tensor(cal["mean"], dtype=torch.float64), raw.double().mean(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(cal["std"], dtype=torch.float64), raw.double().std(1, correction=0),
+                               atol=1e-5, rtol=0)
+    z = RewardEnsemble.from_pretrained(folder).standardize(raw)
+    torch.testing.assert_close(z.mean(1), torch.zeros(2), atol=1e-5, rtol=0)
+    assert torch.equal(ens.standardize(raw), raw)  # normalize=False: raw scores
+    one = RewardEnsemble.from_pretrained(folder, members=[1])
+    assert one.manifest.calibration["mean"] == [cal["mean"][1]]
+    run_recipe(recipe(tmp_path / "noeval", "heads", data={"train": str(write_pairs(tmp_path / "p.jsonl", 10))},
+                      trainer={"num_members": 2}))
+    cal = EnsembleManifest.read(tmp_path / "noeval").calibration
+    assert cal["source"].startswith("training pairs") and cal["n"] == 20
+
+
+def test_a_member_offset_does_not_change_the_standardised_aggregates(tmp_path):
+    """A reward model is defined up to an additive constant: shift member 0's head bias by +10 and, once calibrated
+    on the same responses, WCO and UWO rank responses as before; on raw scores the shifted member drops out of
+    WCO's minimum."""
+    folder = tmp_path / "ens"
+    shutil.copytree(trained_ensemble("heads"), folder)
+    responses = [answer(f"The answer is {i}.") for i in range(8)]
+    prompts = [PROMPTS[i % 4] for i in range(8)]
+    before = RewardEnsemble.from_pretrained(folder)
+    before.calibrate(prompts, responses)
+    head = load_file(folder / "member_0" / HEAD_FILE)
+    head["bias"] = head.get("bias", torch.zeros(1)) + 10.0
+    save_file(head, folder / "member_0" / HEAD_FILE)
+    after = RewardEnsemble.from_pretrained(folder)
+    after.calibrate(prompts, responses)
+    for how in ("wco", "uwo"):
+        torch.testing.assert_close(after(PROMPTS, COMPLETIONS, how=how)[0], before(PROMPTS, COMPLETIONS, how=how)[0],
+                                   atol=1e-4, rtol=0)
+    raw = after.scores(PROMPTS, COMPLETIONS)
+    assert torch.equal(aggregate(raw, "wco"), raw[1])  # raw: the minimum is always the unshifted member
+
+
+def test_an_ensemble_without_calibration_aggregates_raw_scores_with_a_warning(tmp_path, caplog):
+    folder = tmp_path / "ens"
+    shutil.copytree(trained_ensemble("heads"), folder)
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    manifest.pop("calibration")
+    (folder / "ensemble.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        ens = RewardEnsemble.from_pretrained(folder)
+    assert "no calibration" in caplog.text
+    agg, scores = ens(PROMPTS, COMPLETIONS, how="wco")
+    assert torch.equal(agg, aggregate(scores, "wco"))
+    ens.calibrate(PROMPTS, COMPLETIONS)
+    ens.save_calibration()
+    assert json.loads((folder / "ensemble.json").read_text())["calibration"]["n"] == 4
 
 def test_member_weights_differ_by_seed_and_heads_members_hold_only_the_head():
     heads = trained_ensemble("heads")
