@@ -119,6 +119,7 @@ class _ContinuousDecoder:
     """
 
     MIN_PREFIX = 8  # shared prompt tokens worth a separate prefill
+    REFILL_DIVISOR = 4  # waiting prompts join once slots / REFILL_DIVISOR rows are free
 
     def __init__(self, model: Any, pad_token_id: int, eos_ids: list[int], slots: int):
         self.model, self.pad, self.eos, self.slots = model, pad_token_id, set(eos_ids), slots
@@ -258,7 +259,7 @@ class _ContinuousDecoder:
         done: list[list[_Row]] = [[] for _ in encoded]
         active: list[_Row] = []
         cache, mask, logits = None, None, None
-        refill = max(n, self.slots // 4)
+        refill = max(n, self.slots // self.REFILL_DIVISOR)
         while waiting or active:
             free = self.slots - len(active)
             if waiting and free >= n and (not active or free >= refill):
