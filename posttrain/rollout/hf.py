@@ -324,7 +324,8 @@ class _ContinuousDecoder:
 
 
 class HFEngine:
-    """Batched `model.generate` over left-padded prompts.
+    """Batched generation with the loaded model: continuous batching (the default) or static left-padded batches
+    through `model.generate`.
 
     The model is used as it is (a PEFT model generates with its adapter, unmerged). Prompts longer than
     `max_context` tokens (default: the model's max_position_embeddings minus max_new_tokens) are rejected
