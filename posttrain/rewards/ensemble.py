@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain.models.prefix import common_prefix_length, repeat_cache
 from posttrain.rewards import RewardFunc, register_reward
 
 logger = logging.getLogger(__name__)
@@ -192,16 +193,6 @@ def reward_input_ids(tokenizer: Any, prompts: Sequence[Any], completions: Sequen
 MIN_SHARED_PREFIX = 8  # tokens a batch must share before its prefix gets a forward of its own
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    first, k = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        j = 0
-        while j < k and s[j] == first[j]:
-            j += 1
-        k = j
-    return k
-
-
 def pooled_outputs(fn: Any, ids: Sequence[Sequence[int]], pad_token_id: int, device: Any,
                    batch_size: int, share_prefix: bool = True) -> torch.Tensor:
     """[N, D] float32: `fn(input_ids, attention_mask, past_key_values) -> [B, D]` over N token sequences,
@@ -222,7 +213,7 @@ def pooled_outputs(fn: Any, ids: Sequence[Sequence[int]], pad_token_id: int, dev
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             batch = [list(ids[i]) for i in order[start : start + batch_size]]
-            p = _common_prefix(batch) if share_prefix and len(batch) > 1 else 0
+            p = common_prefix_length(batch) if share_prefix and len(batch) > 1 else 0
             p = min(p, min(len(s) for s in batch) - 1)
             if p >= MIN_SHARED_PREFIX and all(any(t != pad_token_id for t in s[p:]) for s in batch):
                 parts.append(_with_prefix(fn, batch, p, pad_token_id, device).float().cpu())
@@ -248,8 +239,7 @@ def _with_prefix(fn: Any, batch: list[list[int]], p: int, pad_token_id: int, dev
     cache = DynamicCache()
     fn(prefix, torch.ones_like(prefix), cache)
     b = len(batch)
-    cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
-                                         for layer in cache.layers])
+    cache = repeat_cache(cache, b)
     rest = [torch.as_tensor(s[p:], dtype=torch.long) for s in batch]
     input_ids = pad_sequence(rest, batch_first=True, padding_value=pad_token_id).to(device)
     attention = pad_sequence([torch.ones_like(x) for x in rest], batch_first=True).to(device)

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from posttrain.algos.entropy import token_entropy
+from posttrain.models.prefix import common_prefix_length, repeat_cache
 from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids, eos_token_ids
 
 
@@ -173,15 +174,7 @@ class _ContinuousDecoder:
         self.prefix, self.prefix_cache = [], None
         if len(encoded) < 2:
             return
-        common = encoded[0]
-        for ids in encoded[1:]:
-            k = 0
-            for a, b in zip(common, ids):
-                if a != b:
-                    break
-                k += 1
-            common = common[:k]
-        common = common[: min(len(common), min(len(ids) for ids in encoded) - 1)]
+        common = encoded[0][: min(common_prefix_length(encoded), min(len(ids) for ids in encoded) - 1)]
         if len(common) < self.MIN_PREFIX:
             return
         from transformers import DynamicCache
@@ -203,8 +196,7 @@ class _ContinuousDecoder:
         positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
         if p:
             b = len(prompts)
-            cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
-                                                 for layer in self._layers(self.prefix_cache)])
+            cache = repeat_cache(self.prefix_cache, b)
             mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
         else:
             cache = DynamicCache()
