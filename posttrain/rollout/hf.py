@@ -327,17 +327,23 @@ class HFEngine:
     batch as rows finish (module docstring); `False`, or a configuration the continuous decoder does not cover,
     runs static batches through `model.generate`. Greedy outputs are the same either way up to float rounding
     in a batch of another composition; sampled ones are drawn in another order, so a seed gives other (equally
-    distributed) samples under each scheduler.
+    distributed) samples under each scheduler. `eos_token_ids` overrides the end tokens (default: the
+    tokenizer's and the model's generation config's), as the GRPO trainers pass TRL's.
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, max_context: int | None = None,
-                 progress: bool = True, continuous: bool = True):
+                 progress: bool = True, continuous: bool = True, eos_token_ids: list[int] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_context = max_context
         self.progress = progress
         self.continuous = continuous
+        self._eos_ids = eos_token_ids  # None: the tokenizer's and the model's generation config's
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return self._eos_ids if self._eos_ids is not None else eos_token_ids(self.tokenizer, self.model)
 
     @property
     def device(self) -> torch.device:
@@ -361,7 +367,7 @@ class HFEngine:
             "num_return_sequences": sampling.n,
             "return_dict_in_generate": True,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": eos_token_ids(self.tokenizer, self.model),
+            "eos_token_id": self.eos_ids,
             "repetition_penalty": sampling.repetition_penalty,
         }
         if sampling.greedy:
@@ -414,7 +420,7 @@ class HFEngine:
 
     def _generate_continuous(self, prompts: list[str], encoded: list[list[int]],
                              sampling: SamplingParams) -> list[GenerationOutput]:
-        decoder = _ContinuousDecoder(self.model, self.tokenizer.pad_token_id, eos_token_ids(self.tokenizer, self.model),
+        decoder = _ContinuousDecoder(self.model, self.tokenizer.pad_token_id, self.eos_ids,
                                      slots=self.batch_size * sampling.n)
         bar = tqdm(total=len(encoded), desc="generate", unit="prompt",
                    disable=not self.progress or len(encoded) <= self.batch_size)
@@ -460,7 +466,7 @@ class HFEngine:
         token_rows = new_tokens.cpu().tolist()
         logprob_rows = None if logprobs is None else logprobs.cpu().tolist()
         entropy_rows = None if entropies is None else entropies.cpu().tolist()
-        eos_ids = set(eos_token_ids(self.tokenizer, self.model))
+        eos_ids = set(self.eos_ids)
         results = []
         for i, prompt in enumerate(prompts):
             result = GenerationOutput(prompt=prompt, prompt_token_ids=encoded[i])

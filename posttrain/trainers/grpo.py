@@ -17,6 +17,7 @@ All statistics are computed over the global batch (every process), so they do no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -68,6 +69,14 @@ class GRPOConfig(trl.GRPOConfig):
         default=0.05,
         metadata=_help("Warn (once) when the mean |log p| gap between the rollout engine's sampled-token log-probs "
                        "and the trainer's exceeds this (a stale weight sync); null: never warn."),
+    )
+    hf_continuous_batching: bool = field(
+        default=True,
+        metadata=_help("Without vLLM, generate the training rollouts with posttrain's continuous-batching decoder "
+                       "(posttrain.rollout.hf; a finished row leaves the batch, a prompt's completions share one "
+                       "prefill) instead of TRL's static model.generate. The sampling distribution is the same; "
+                       "TRL's path is used for what the decoder does not cover (images, a repetition penalty, "
+                       "generation_kwargs beyond temperature/top-k/top-p/min-p, sliding-window caches)."),
     )
 
 
@@ -131,6 +140,104 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
         if self.model.training and self.accelerator.is_main_process:
             self.rollout_log.begin(self.state.global_step, n_local * self.accelerator.num_processes)
         return output
+
+    # --- training rollouts without vLLM: continuous batching --------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's transformers path, with `hf_continuous_batching`, through posttrain's continuous-batching decoder
+        (under the same unwrapping TRL does: DeepSpeed ZeRO-3 gathered, FSDP full parameters summoned, gradient
+        checkpointing off). Returns TRL's (completion_ids, logprobs): ids up to and including the first EOS, and
+        no log-probs, as TRL's own transformers path."""
+        sampling = None
+        if not (self.use_vllm or self.use_transformers_continuous_batching or multimodal_fields
+                or (images is not None and any(i is not None for i in images))):
+            sampling = self._continuous_sampling()
+        if sampling is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        from trl.extras.profiling import profiling_context
+        from trl.models import unwrap_model_for_generation
+
+        from posttrain.rollout.hf import HFEngine
+
+        # TRL repeats each prompt num_generations times in a row: one prefill serves a run of identical prompts
+        runs: list[list[int]] = []
+        for ids in prompt_ids:
+            if runs and runs[-1][0] == ids:
+                runs[-1][1] += 1
+            else:
+                runs.append([ids, 1])
+        if len({count for _, count in runs}) == 1:
+            unique, n = [ids for ids, _ in runs], runs[0][1]
+        else:
+            unique, n = list(prompt_ids), 1
+        with (
+            profiling_context(self, "posttrain.generate"),
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                        gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                        gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            engine = HFEngine(model, self._tokenizer, batch_size=len(unique), progress=False,
+                              eos_token_ids=list(self.eos_token_ids))
+            outputs = engine.generate_ids(unique, dataclasses.replace(sampling, n=n))
+        return [c.token_ids for out in outputs for c in out.completions], None
+
+    def _continuous_sampling(self) -> Any:
+        """SamplingParams equal to TRL's effective generation config (the trainer's, filled from the model's and
+        transformers' defaults, as `generate` does), or None when the decoder cannot reproduce it: any logits
+        processor beyond temperature, top-k, top-p and min-p, another stopping rule, or a model whose cache
+        layout it does not handle. Decided once."""
+        if hasattr(self, "_continuous_sampling_params"):
+            return self._continuous_sampling_params
+        sampling, reason = None, "hf_continuous_batching is off"
+        if self.args.hf_continuous_batching:
+            try:
+                sampling, reason = self._sampling_from_generation_config()
+            except (AttributeError, TypeError, ValueError) as exc:  # private transformers API moved
+                reason = f"its generation config could not be read ({exc})"
+        if sampling is None:
+            logger.info("training rollouts: TRL's model.generate (%s)", reason)
+        self._continuous_sampling_params = sampling
+        return sampling
+
+    def _sampling_from_generation_config(self) -> tuple[Any, str]:
+        from transformers import ProcessorMixin
+        from transformers.generation import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        from posttrain.rollout.base import SamplingParams
+        from posttrain.rollout.hf import _ContinuousDecoder
+
+        if isinstance(self.processing_class, ProcessorMixin):
+            return None, "a multimodal processor"
+        model = self.accelerator.unwrap_model(self.model)
+        config, _ = model._prepare_generation_config(self.generation_config)
+        if not config.do_sample or config.num_beams != 1 or config.stop_strings or config.max_time \
+                or config.max_new_tokens is None or getattr(config, "cache_implementation", None):
+            return None, "the generation config asks for beams, stop strings, a time limit or a cache implementation"
+        values: dict[str, Any] = {}
+        with warnings.catch_warnings():  # it warns that no prompt ids were given, which this check does not need
+            warnings.simplefilter("ignore")
+            processors = model._get_logits_processor(config, device="cpu")
+        for proc in processors:
+            if isinstance(proc, TemperatureLogitsWarper):
+                values["temperature"] = float(proc.temperature)
+            elif isinstance(proc, TopKLogitsWarper):
+                values["top_k"] = int(proc.top_k)
+            elif isinstance(proc, TopPLogitsWarper):
+                values["top_p"] = float(proc.top_p)
+            elif isinstance(proc, MinPLogitsWarper):
+                values["min_p"] = float(proc.min_p)
+            else:
+                return None, f"the generation config adds {type(proc).__name__}"
+        sampling = SamplingParams(max_new_tokens=config.max_new_tokens, seed=None, **values)
+        if not _ContinuousDecoder.supports(model, sampling):
+            return None, f"the decoder does not cover {type(model).__name__}'s cache layout"
+        return sampling, ""
 
     def _log_logprob_gap(self, own: torch.Tensor, sampled: torch.Tensor, output: dict[str, Any]) -> None:
         """`rollout/logprob_gap_mean|max` over the global batch's valid tokens (NaN: tokens the engine did not

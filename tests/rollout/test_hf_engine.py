@@ -217,8 +217,9 @@ def test_continuous_batching_gives_the_static_batches_greedy_outputs_without_ste
     for a, b in zip(ref, out):
         ca, cb = a.completions[0], b.completions[0]
         assert (cb.token_ids, cb.finish_reason, cb.text) == (ca.token_ids, ca.finish_reason, ca.text)
-        torch.testing.assert_close(torch.tensor(cb.logprobs), torch.tensor(ca.logprobs), atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(cb.entropies), torch.tensor(ca.entropies), atol=1e-4, rtol=0)
+        # float32 rounding of another batch composition (and of a prefix prefilled apart): relative as well
+        torch.testing.assert_close(torch.tensor(cb.logprobs), torch.tensor(ca.logprobs), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(cb.entropies), torch.tensor(ca.entropies), atol=1e-4, rtol=1e-4)
     # the first token of a row comes from its prefill, and no forward follows its last one: L - 1 decoding
     # forwards per row, where static batches run every row as long as the longest of its batch
     assert sum(rows) == sum(n - 1 for n in lengths)
