@@ -11,9 +11,14 @@ one invocation. Variants differ in environment or in one recipe key:
   threads1  OMP_NUM_THREADS=1
   ckpt      trainer.gradient_checkpointing=true (TRL's GRPOConfig default)
   no_ckpt   trainer.gradient_checkpointing=false
+  static    trainer.hf_continuous_batching=false: rollouts through TRL's static model.generate
+
+--rounds R runs every variant R times, interleaved (A B A B ...), and pools each variant's timed steps, so a
+drift in the machine's speed falls on all variants alike.
 
     python bench/grpo_step_time.py --steps 5                       # ~15 minutes on 2 cores
     python bench/grpo_step_time.py --steps 5 --before e25cada --variants default passive
+    python bench/grpo_step_time.py --steps 6 --rounds 3 --variants static default   # the rollout scheduler
     python bench/grpo_step_time.py --model tiny-qwen2 --steps 3    # smoke test
 """
 
@@ -33,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"default": ({}, []), "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
             "threads1": ({"OMP_NUM_THREADS": "1"}, []),
             "ckpt": ({}, ["trainer.gradient_checkpointing=true"]),
-            "no_ckpt": ({}, ["trainer.gradient_checkpointing=false"])}
+            "no_ckpt": ({}, ["trainer.gradient_checkpointing=false"]),
+            "static": ({}, ["trainer.hf_continuous_batching=false"])}
 
 
 def run(tree: Path, variant: tuple[dict[str, str], list[str]], model: str, steps: int, out: Path) -> dict:
@@ -57,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--before", metavar="REV", help="also run this git revision (default settings)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved")
     args = ap.parse_args()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="posttrain-steptime-") as tmp:
@@ -67,15 +74,22 @@ def main() -> None:
                            check=True, capture_output=True)
             trees.insert(0, (f"before:{args.before}", before, VARIANTS["default"]))
         try:
-            for name, tree, env in trees:
-                results[name] = run(tree, env, args.model, args.steps, Path(tmp) / name.replace(":", "_"))
-                print(name, json.dumps(results[name]), flush=True)
+            for r in range(args.rounds):
+                for name, tree, env in trees:
+                    result = run(tree, env, args.model, args.steps, Path(tmp) / f"{name.replace(':', '_')}_{r}")
+                    print(name, f"round {r}", json.dumps(result), flush=True)
+                    pooled = results.setdefault(name, {"step_times_s": [], "mean_completion_tokens": []})
+                    pooled["step_times_s"] += result["step_times_s"]
+                    pooled["mean_completion_tokens"].append(result["mean_completion_tokens"])
+            for pooled in results.values():
+                pooled["median_step_s"] = round(statistics.median(pooled["step_times_s"]), 2)
         finally:
             if args.before:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)],
                                capture_output=True)
     first = next(iter(results))
-    report = {"model": args.model, "steps_timed": args.steps - 1, "cores": os.cpu_count(), "variants": results,
+    report = {"model": args.model, "steps_timed_per_run": args.steps - 1, "rounds": args.rounds,
+              "cores": os.cpu_count(), "variants": results,
               "ratio_to_" + first: {k: round(v["median_step_s"] / results[first]["median_step_s"], 3)
                                     for k, v in results.items()}}
     print(json.dumps(report, indent=2))
