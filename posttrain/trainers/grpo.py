@@ -12,6 +12,8 @@ What the base adds, each at the narrowest TRL hook and always through super():
   trainer's own (when the engine returns them), with a warning above `rollout_logprob_gap_warning`, so a stale
   weight sync or an adapter that never reached the engine shows at the first step;
 - checkpointing of cross-step method state (`posttrain.trainers.state`).
+- without vLLM, training rollouts through the HF engine's continuous-batching decoder (`hf_continuous_batching`,
+  `_generate_single_turn`), where it reproduces TRL's effective generation config; TRL's `model.generate` otherwise.
 All statistics are computed over the global batch (every process), so they do not depend on world size.
 """
 
