@@ -21,10 +21,14 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return k
 
 
-def repeat_cache(cache: Any, rows: int) -> Any:
-    """A new DynamicCache holding `rows` copies of the one-row `cache` (the copies are later grown in place, so
-    they must not share storage with it or with each other)."""
+def repeat_cache(cache: Any, rows: int, into: Any = None) -> Any:
+    """`rows` copies of the one-row `cache` in a new cache (`into`, an empty layered cache; default a
+    DynamicCache). The copies are later grown in place, so they share no storage with `cache` or each other."""
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
-                                        for layer in cache.layers])
+    if into is None:
+        return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1),
+                                             layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
+    for i, layer in enumerate(cache.layers):
+        into.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    return into

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    DynamicLayer,
     LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -35,6 +36,7 @@ from transformers import (
 )
 
 from posttrain.algos.entropy import token_entropy
+from posttrain.models.attention import grouped_query_attention
 from posttrain.models.prefix import common_prefix_length, repeat_cache
 from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids, eos_token_ids
 
@@ -92,6 +94,59 @@ class _StepStats(LogitsProcessor):
         logprobs = torch.stack(self.logprobs, dim=1) if self.want_logprobs and self.logprobs else None
         entropies = torch.stack(self.entropies, dim=1) if self.want_entropies and self.entropies else None
         return logprobs, entropies
+
+
+class _SlackLayer(DynamicLayer):
+    """A key/value cache layer with room to grow: a decoding step writes its position into spare capacity, where
+    DynamicLayer concatenates, copying the whole layer at every step. `keys`/`values` stay plain tensors (views of
+    the first `length` positions of the buffers), so code that reads, slices or reassigns them works as on a
+    DynamicLayer; a reassigned layer is copied into a new buffer at its next update."""
+
+    SLACK = 64  # positions allocated beyond the current length: one full copy per 64 decoding steps
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self._buffers = None
+        super().reset()
+
+    def _in_buffer(self) -> bool:
+        if self._buffers is None:
+            return False
+        buf = self._buffers[0]
+        return (self.keys.data_ptr() == buf.data_ptr() and self.keys.shape[:2] == buf.shape[:2]
+                and self.keys.stride() == buf.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        end = length + key_states.shape[-2]
+        if not self._in_buffer() or end > self._buffers[0].shape[-2]:
+            buffers = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buf = new.new_empty(new.shape[0], new.shape[1], end + self.SLACK, new.shape[-1])
+                if length:
+                    buf[:, :, :length] = old
+                buffers.append(buf)
+            self._buffers = (buffers[0], buffers[1])
+        keys, values = self._buffers
+        keys[:, :, length:end] = key_states
+        values[:, :, length:end] = value_states
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+
+def _slack_cache() -> Any:
+    """An empty layered cache of _SlackLayer layers (a DynamicCache, for the model code that checks for one)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _SlackLayer
+    return cache
 
 
 @dataclass
@@ -177,17 +232,13 @@ class _ContinuousDecoder:
         common = encoded[0][: min(common_prefix_length(encoded), min(len(ids) for ids in encoded) - 1)]
         if len(common) < self.MIN_PREFIX:
             return
-        from transformers import DynamicCache
-
-        self.prefix, self.prefix_cache = list(common), DynamicCache()
+        self.prefix, self.prefix_cache = list(common), _slack_cache()
         ids = torch.tensor([common], device=device)
         self._forward(ids, torch.ones_like(ids), torch.arange(len(common), device=device)[None], self.prefix_cache)
 
     def _prefill(self, prompts: list[list[int]], copies: list[int], device: torch.device) -> tuple[Any, ...]:
         """Cache, mask and last-position logits of `prompts` (left-padded after the shared prefix, if any), each
         row repeated `copies[i]` times."""
-        from transformers import DynamicCache
-
         p = len(self.prefix)
         suffixes = [ids[p:] for ids in prompts]
         width = max(len(ids) for ids in suffixes)
@@ -196,10 +247,10 @@ class _ContinuousDecoder:
         positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
         if p:
             b = len(prompts)
-            cache = repeat_cache(self.prefix_cache, b)
+            cache = repeat_cache(self.prefix_cache, b, into=_slack_cache())
             mask = torch.cat([mask.new_ones(b, p), mask], dim=1)
         else:
-            cache = DynamicCache()
+            cache = _slack_cache()
         logits = self._forward(input_ids, mask, positions, cache)
         if any(c != 1 for c in copies):
             index = torch.repeat_interleave(torch.arange(len(prompts), device=device),
@@ -400,14 +451,15 @@ class HFEngine:
         self.model.eval()
         if self.continuous and _ContinuousDecoder.supports(self.model, sampling):
             try:
-                return self._generate_continuous(prompts, encoded, sampling)
+                with grouped_query_attention(self.model):
+                    return self._generate_continuous(prompts, encoded, sampling)
             finally:
                 self.model.train(was_training)
         results: list[GenerationOutput | None] = [None] * len(encoded)
         # longest prompts first, in batches of similar length: less padding, and an out-of-memory shows at once
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         try:
-            with seeded_rng(sampling.seed):
+            with seeded_rng(sampling.seed), grouped_query_attention(self.model):
                 starts = range(0, len(order), self.batch_size)
                 for start in tqdm(starts, desc="generate", disable=not self.progress or len(starts) < 2):
                     idx = order[start : start + self.batch_size]
