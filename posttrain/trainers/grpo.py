@@ -23,7 +23,8 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +270,8 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
 
     # --- entropy statistics -------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        with compact_lm_head_on_cpu(self.accelerator.device):
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         # Only the loss forward asks for entropies; keep them for `_compute_loss` (no second forward).
         self._entropy_stash = entropies.detach() if entropies is not None else None
         return logps, entropies, aux
@@ -715,6 +717,33 @@ class EntropyControlTrainer(GRPOTrainer):
                                                          self._et.state_signal(diagnostics, ctx, self._et_args)]))
         accumulation = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
         return term / accumulation
+
+
+@contextmanager
+def compact_lm_head_on_cpu(device: torch.device) -> Iterator[None]:
+    """On the CPU, let TRL's fused LM head score only the positions that have a label, as it does on CUDA and XPU.
+
+    TRL 1.16's fused head (`trl.trainer.utils.add_fused_lm_head`) projects only the completion tokens where Triton
+    runs, and every position elsewhere, so that a compiler (Neuron's) sees the same tile shapes on every batch. The
+    CPU compiles nothing, and there scoring every position costs the full-vocabulary projection, log-softmax and
+    entropy (forward and backward) of every prompt and padding token as well. At the quickstart's shapes (16 rows,
+    60 prompt and up to 48 completion tokens, SmolLM2-135M) a loss forward and backward took 6.25 s compact against
+    11.86 s (`bench/fused_head_cpu.py`; `bench/grpo_step_time.py` times the whole step), with the same log-probs,
+    entropies and gradient to the bit. The switch is TRL's
+    own `compact` branch, taken for the block by answering "Triton device" for the CPU in the one place that asks
+    it; the kernels themselves still run the torch tiles. With a TRL that no longer has that switch, nothing
+    changes."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if device.type != "cpu" or original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda d: d.type == "cpu" or original(d)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def lm_head_scaling(text_config: Any) -> tuple[float, float | None]:

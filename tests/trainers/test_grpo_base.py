@@ -8,7 +8,7 @@ import torch
 import trl
 
 from posttrain.models import load_model, load_tokenizer, lora_config
-from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
+from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer, compact_lm_head_on_cpu
 from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
 TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",
@@ -56,10 +56,17 @@ def test_same_loss_and_weights_as_trl(tmp_path):
     own model.generate: the continuous-batching decoder draws the same distribution in another order)."""
     ours = make(tmp_path / "ours", hf_continuous_batching=False)
     ours.train()
-    theirs = trl.GRPOTrainer(model=load_model("tiny-qwen2"), reward_funcs=[digit_reward],
-                             args=trl.GRPOConfig(**config_kwargs(tmp_path / "trl")),
-                             train_dataset=dataset(), processing_class=load_tokenizer("tiny-qwen2"))
-    theirs.train()
+
+    def trl_run(out):
+        return trl.GRPOTrainer(model=load_model("tiny-qwen2"), reward_funcs=[digit_reward],
+                               args=trl.GRPOConfig(**config_kwargs(out)), train_dataset=dataset(),
+                               processing_class=load_tokenizer("tiny-qwen2"))
+
+    # the base scores only the completion positions on the CPU (TRL's CUDA path; the loss, log-probs and
+    # gradients are TRL's CPU path's to float rounding, test_compact_lm_head_equals_every_position_scoring)
+    theirs = trl_run(tmp_path / "trl")
+    with compact_lm_head_on_cpu(torch.device("cpu")):
+        theirs.train()
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
     assert losses(ours) == losses(theirs)
     for (n, p), (_, q) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
@@ -143,3 +150,48 @@ def test_rollouts_jsonl_every_n_steps(tmp_path):
     history = [h for h in t.state.log_history if "reward" in h]
     assert sum(x["rewards"]["accuracy"] for x in first) / 8 == pytest.approx(history[0]["reward"], abs=1e-6)
     assert abs(sum(x["advantage"] for x in first)) < 1e-4  # group-normalised advantages sum to ~0
+
+
+def test_loss_forward_on_cpu_scores_only_the_completion_tokens(tmp_path, monkeypatch):
+    """TRL's fused LM head scores every position off Triton devices; the base makes it score only the labelled
+    (completion) positions on the CPU, and leaves TRL's switch as it was afterwards."""
+    import trl.trainer.utils as trl_utils
+
+    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    switch = trl_utils._use_triton
+
+    def spy(hidden, weight, bias, labels, *rest):
+        scored.append(hidden.shape[0])
+        return real(hidden, weight, bias, labels, *rest)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    masks = []
+    trainer = make(tmp_path)
+    compute_loss = trainer._compute_loss
+    trainer._compute_loss = lambda model, inputs: masks.append(int(inputs["completion_mask"].sum())) or compute_loss(
+        model, inputs)
+    trainer.train()
+    assert masks and scored[-len(masks):] == masks
+    assert trl_utils._use_triton is switch
+
+
+def test_compact_lm_head_equals_every_position_scoring():
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = load_model("tiny-qwen2")
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    ids = torch.randint(3, 200, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:], mask[2, :3] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    results = []
+    for compact in (False, True):
+        model.zero_grad()
+        with compact_lm_head_on_cpu(torch.device("cpu" if compact else "meta")):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + 0.1 * out.entropy.sum()).backward()
+        results.append([out.log_probs.detach(), out.entropy.detach()]
+                       + [p.grad.clone() for p in model.parameters()])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
