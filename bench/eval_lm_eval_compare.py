@@ -9,8 +9,8 @@ answers, and samples/s of each harness on the same HF (transformers) backend. Ne
 extra (pip install 'posttrain[lm-eval]'); with --skip-lm-eval only posttrain's side runs. Run from the
 repository root (the lm-eval task files name their data relative to it). Measured results: docs/eval.md.
 
-    python bench/eval_lm_eval_compare.py                      # SmolLM2, 200 + 200 problems (2 CPU cores: ~50 min)
-    python bench/eval_lm_eval_compare.py --sets arithmetic    # the addition set only (~4 min)
+    python bench/eval_lm_eval_compare.py                      # SmolLM2, 200 + 200 problems (2 CPU cores: ~13 min)
+    python bench/eval_lm_eval_compare.py --sets arithmetic    # the addition set only (~2 min)
     python bench/eval_lm_eval_compare.py --model tiny-qwen2 --limit 5 --skip-lm-eval   # smoke test
 """
 
