@@ -14,6 +14,8 @@ What the base adds, each at the narrowest TRL hook and always through super():
 - checkpointing of cross-step method state (`posttrain.trainers.state`).
 - without vLLM, training rollouts through the HF engine's continuous-batching decoder (`hf_continuous_batching`,
   `_generate_single_turn`), where it reproduces TRL's effective generation config; TRL's `model.generate` otherwise.
+- on the CPU, the loss forward's fused LM head scores only the completion positions, as TRL does on CUDA
+  (`compact_lm_head_on_cpu`).
 All statistics are computed over the global batch (every process), so they do not depend on world size.
 """
 
@@ -729,10 +731,9 @@ def compact_lm_head_on_cpu(device: torch.device) -> Iterator[None]:
     entropy (forward and backward) of every prompt and padding token as well. At the quickstart's shapes (16 rows,
     60 prompt and up to 48 completion tokens, SmolLM2-135M) a loss forward and backward took 6.25 s compact against
     11.86 s (`bench/fused_head_cpu.py`; `bench/grpo_step_time.py` times the whole step), with the same log-probs,
-    entropies and gradient to the bit. The switch is TRL's
-    own `compact` branch, taken for the block by answering "Triton device" for the CPU in the one place that asks
-    it; the kernels themselves still run the torch tiles. With a TRL that no longer has that switch, nothing
-    changes."""
+    entropies and gradient to the bit. The switch is TRL's own `compact` branch, taken for the block by answering
+    "Triton device" for the CPU in the one place that asks it; the kernels themselves still run the torch tiles.
+    With a TRL that no longer has that switch, nothing changes."""
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils, "_use_triton", None)

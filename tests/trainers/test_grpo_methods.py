@@ -24,6 +24,7 @@ from posttrain.trainers.grpo import (
     EPOTrainer,
     STEERConfig,
     STEERTrainer,
+    compact_lm_head_on_cpu,
 )
 from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
@@ -61,9 +62,12 @@ def steps(trainer):
 
 
 def trl_run(out, reward=digit_reward, **kw):
+    """TRL's GRPOTrainer, its fused LM head scoring only the completion positions as the base does on the CPU
+    (the base's one change to the arithmetic: test_grpo_base.py::test_compact_lm_head_equals_every_position_scoring)."""
     t = trl.GRPOTrainer(model=load_model("tiny-qwen2"), reward_funcs=[reward], args=trl.GRPOConfig(**config_kwargs(out, **kw)),
                         train_dataset=dataset(), processing_class=load_tokenizer("tiny-qwen2"))
-    t.train()
+    with compact_lm_head_on_cpu(torch.device("cpu")):
+        t.train()
     return t
 
 
