@@ -26,9 +26,7 @@ def repeat_cache(cache: Any, rows: int, into: Any = None) -> Any:
     DynamicCache). The copies are later grown in place, so they share no storage with `cache` or each other."""
     from transformers import DynamicCache
 
-    if into is None:
-        return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1),
-                                             layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
+    into = DynamicCache() if into is None else into
     for i, layer in enumerate(cache.layers):
         into.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
     return into
