@@ -1,5 +1,9 @@
 """Step-time overhead of posttrain's DPOShiftTrainer against TRL's DPOTrainer (target <= 1.02).
 
+On the CPU, posttrain's DPO trainers score only the response positions with TRL's fused LM head
+(`compact_lm_head_on_cpu`; `bench/dpo_step_time.py` measures what that saves); TRL's trainer runs under the same
+switch here, so the ratio is the cost of DPO-Shift itself. On a GPU the switch changes nothing.
+
 Both trainers run in this one process on the same model, pairs, batch, seed and settings, in alternating rounds
 (TRL, DPO-Shift, DPO-Shift, TRL, ...) so that machine noise hits them alike; each round is a fresh trainer
 training `--steps` optimizer steps, the first of which (one-off warm-up, and DPO-Shift's one-time check against
@@ -24,6 +28,7 @@ from grpo_overhead import StepTimer  # bench/ is sys.path[0] when this file runs
 from posttrain.data.preferences import PreferenceSource, load_preferences
 from posttrain.models import load_model, load_tokenizer, lora_config
 from posttrain.trainers.dpo import DPOShiftConfig, DPOShiftTrainer
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 
 
 def synthetic_pairs(n: int = 64):
@@ -46,10 +51,11 @@ def run(name: str, args, dataset, out_dir: str) -> list[float]:
     trainer_cls, config = ((trl.DPOTrainer, trl.DPOConfig(**common)) if name == "trl"
                            else (DPOShiftTrainer, DPOShiftConfig(**common, dpo_shift_f=0.95)))
     timer = StepTimer()
-    trainer = trainer_cls(model=load_model(args.model), args=config, train_dataset=dataset,
-                          processing_class=load_tokenizer(args.model),
-                          peft_config=lora_config() if args.lora else None, callbacks=[timer])
-    trainer.train()
+    with compact_lm_head_on_cpu(torch.device("cuda" if gpu else "cpu")):  # as posttrain's DPO trainers score
+        trainer = trainer_cls(model=load_model(args.model), args=config, train_dataset=dataset,
+                              processing_class=load_tokenizer(args.model),
+                              peft_config=lora_config() if args.lora else None, callbacks=[timer])
+        trainer.train()
     return timer.times[1:]
 
 

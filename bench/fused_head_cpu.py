@@ -1,5 +1,6 @@
 """TRL's fused LM head on the CPU: every position scored (TRL's CPU default) against only the labelled ones
-(`posttrain.trainers.grpo.compact_lm_head_on_cpu`, which the GRPO trainers use), in one process, alternating.
+(`posttrain.trainers.fused_head.compact_lm_head_on_cpu`, which the GRPO and DPO trainers use), in one process,
+alternating.
 
 One loss forward and backward at the quickstart's shapes: --rows rows of --prompt prompt tokens and up to
 --completion completion tokens (random lengths, the first row full, the rest padding), the model frozen except
@@ -33,7 +34,7 @@ def main() -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     from posttrain.models import load_model
-    from posttrain.trainers.grpo import compact_lm_head_on_cpu
+    from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 
     torch.manual_seed(0)
     model = load_model(args.model, "float32")

@@ -44,8 +44,8 @@ for _name, _cls in (("steer", "STEER"), ("epo", "EPO"), ("dcpo", "DCPO"), ("bnpo
 # QAE advantages or Clip-Cov token weights: `method: entropy_control` + `trainer: {advantage: qae}`.
 register_method("entropy_control", "posttrain.trainers.grpo:EntropyControlTrainer",
                 "posttrain.trainers.grpo:EntropyControlConfig", "grpo")
-# Preference pairs: TRL's DPOTrainer itself (the baseline), and DPO-Shift.
-register_method("dpo", "trl:DPOTrainer", "posttrain.trainers.dpo:DPOConfig", "dpo")
+# Preference pairs: TRL's DPOTrainer (the baseline; on the CPU it scores only the response positions), and DPO-Shift.
+register_method("dpo", "posttrain.trainers.dpo:DPOTrainer", "posttrain.trainers.dpo:DPOConfig", "dpo")
 register_method("dpo_shift", "posttrain.trainers.dpo:DPOShiftTrainer", "posttrain.trainers.dpo:DPOShiftConfig", "dpo")
 # Reward models on preference pairs, and ensembles of them (kind `reward`, posttrain.pipelines.reward).
 register_method("reward", "posttrain.trainers.reward:RewardTrainer", "posttrain.trainers.reward:RewardConfig", "reward")

@@ -1,7 +1,8 @@
 """Supervised fine-tuning trainers: TRL's SFTTrainer through our stack (`method: sft`), and the stage trainer of a
 continual task sequence (`method: continual`): EMA-balanced LoRA (LCIA) and the parts its baselines need.
 
-`SFTTrainer` is TRL's SFTTrainer with checkpointed method state. `ContinualTrainer` adds, each at the narrowest
+`SFTTrainer` is TRL's SFTTrainer with checkpointed method state, scoring only the completion positions with TRL's
+fused LM head on the CPU too (`posttrain.trainers.fused_head`). `ContinualTrainer` adds, each at the narrowest
 hook and always through super():
 - the EMA theta* of the trainable (adapter) tensors, `AdapterEMA`, updated by `EMACallback.on_optimizer_step`:
   once per optimizer step, after the step and before the gradients are zeroed, so gradient accumulation and the
@@ -31,6 +32,7 @@ import trl
 from transformers import TrainerCallback
 
 from posttrain.algos.ema import EMA_WEIGHTS, DynamicEMAArgs, FixedEMAArgs, ema_update, hidden_consistency
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 from posttrain.trainers.state import MethodStateMixin, Stateful
 
 __all__ = ["AdapterEMA", "ContinualConfig", "ContinualEvalCallback", "ContinualTrainer", "EMACallback",
@@ -365,11 +367,18 @@ class ContinualEvalCallback(TrainerCallback):
 
 
 class SFTTrainer(MethodStateMixin, trl.SFTTrainer):
-    """TRL's SFTTrainer with checkpointed method state (`self.method_states`)."""
+    """TRL's SFTTrainer with checkpointed method state (`self.method_states`), whose fused LM head scores only the
+    labelled (completion) positions on the CPU as well, as TRL does on CUDA (`compact_lm_head_on_cpu`: the same
+    loss to float rounding; TRL scores every prompt and padding position there)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.method_states: dict[str, Stateful] = {}
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with compact_lm_head_on_cpu(self.accelerator.device):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 
 class ContinualTrainer(SFTTrainer):

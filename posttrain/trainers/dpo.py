@@ -1,5 +1,7 @@
-"""DPO trainers. `method: dpo` is TRL 1.16's DPOTrainer itself (the baseline) with posttrain's `DPOConfig`;
-`method: dpo_shift` is `DPOShiftTrainer` / `DPOShiftConfig` (maths in `posttrain/algos/preference.py`).
+"""DPO trainers. `method: dpo` is `DPOTrainer` with posttrain's `DPOConfig`: TRL 1.16's DPOTrainer (the baseline),
+changed in one respect only: on the CPU its fused LM head scores only the response positions, as TRL does on CUDA
+(`posttrain.trainers.fused_head.compact_lm_head_on_cpu`; the same log-probs, less time). `method: dpo_shift` is
+`DPOShiftTrainer` / `DPOShiftConfig`, a subclass of it (maths in `posttrain/algos/preference.py`).
 
 Where DPO-Shift plugs into TRL 1.16, without copying a TRL method body:
 TRL 1.16 has no `dpo_loss` hook: `DPOTrainer._compute_loss` runs the policy forward (and the reference one),
@@ -29,8 +31,9 @@ import trl
 from accelerate.utils import is_peft_model
 
 from posttrain.algos.preference import SHIFT_SCHEDULES, ShiftArgs, dpo_shift_loss, shift_schedule
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 
-__all__ = ["DPOConfig", "DPOShiftConfig", "DPOShiftTrainer", "config_defaults"]
+__all__ = ["DPOConfig", "DPOShiftConfig", "DPOShiftTrainer", "DPOTrainer", "config_defaults"]
 
 # TRL 1.16 reads label_smoothing in these loss types only; its "sigmoid" loss ignores it.
 _SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -149,7 +152,21 @@ def _sequence_logps(output: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tens
     return output.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
 
 
-class DPOShiftTrainer(trl.DPOTrainer):
+class DPOTrainer(trl.DPOTrainer):
+    """TRL's DPOTrainer, whose fused LM head scores only the response positions on the CPU as well (TRL scores every
+    prompt and padding position there): the two methods that run the model's fused forward, the loss and the
+    reference log-probs (precomputed or not), run under `compact_lm_head_on_cpu`. On GPUs nothing changes."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with compact_lm_head_on_cpu(self.accelerator.device):
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        with compact_lm_head_on_cpu(self.accelerator.device):
+            return super().compute_ref_log_probs(model, inputs)
+
+
+class DPOShiftTrainer(DPOTrainer):
     """TRL's DPOTrainer whose loss is DPO-Shift's (see the module docstring); logs `dpo_shift/f` every step."""
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -25,8 +25,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from posttrain.algos.entropy import entropy_summary, masked_flatten
 from posttrain.algos.entropy_terms import per_turn_sums, turn_ids_from_env_mask
 from posttrain.algos.groups import correct_mask, group_outcome_fractions, mean_unique_per_group
 from posttrain.rewards import completion_text
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 from posttrain.trainers.state import MethodStateMixin, Stateful
 
 logger = logging.getLogger(__name__)
@@ -719,32 +719,6 @@ class EntropyControlTrainer(GRPOTrainer):
                                                          self._et.state_signal(diagnostics, ctx, self._et_args)]))
         accumulation = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
         return term / accumulation
-
-
-@contextmanager
-def compact_lm_head_on_cpu(device: torch.device) -> Iterator[None]:
-    """On the CPU, let TRL's fused LM head score only the positions that have a label, as it does on CUDA and XPU.
-
-    TRL 1.16's fused head (`trl.trainer.utils.add_fused_lm_head`) projects only the completion tokens where Triton
-    runs, and every position elsewhere, so that a compiler (Neuron's) sees the same tile shapes on every batch. The
-    CPU compiles nothing, and there scoring every position costs the full-vocabulary projection, log-softmax and
-    entropy (forward and backward) of every prompt and padding token as well. At the quickstart's shapes (16 rows,
-    60 prompt and up to 48 completion tokens, SmolLM2-135M) a loss forward and backward took 6.25 s compact against
-    11.86 s (`bench/fused_head_cpu.py`; `bench/grpo_step_time.py` times the whole step), with the same log-probs,
-    entropies and gradient to the bit. The switch is TRL's own `compact` branch, taken for the block by answering
-    "Triton device" for the CPU in the one place that asks it; the kernels themselves still run the torch tiles.
-    With a TRL that no longer has that switch, nothing changes."""
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if device.type != "cpu" or original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda d: d.type == "cpu" or original(d)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
 
 
 def lm_head_scaling(text_config: Any) -> tuple[float, float | None]:

@@ -310,3 +310,46 @@ def test_method_state_with_tensors_round_trips_and_missing_state_is_an_error(tmp
     assert back.records == history.records and torch.equal(holder.value, t) and holder.value.dtype == torch.float64
     with pytest.raises(KeyError, match="has no state for"):
         load_states({"ema": AdapterEMA("dynamic")}, tmp_path)
+
+
+# --- the fused LM head on the CPU ---------------------------------------------------------------------------------
+
+
+def test_sft_scores_only_the_completion_positions_and_equals_trl(tmp_path, monkeypatch):
+    """TRL's fused LM head scores every prompt and padding position off Triton devices; posttrain's SFT trainers
+    make it score only the labelled (completion) positions on the CPU, with TRL's loss and gradient to rounding."""
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    from posttrain.trainers.continual import SFTConfig, SFTTrainer
+
+    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    switch = trl_utils._use_triton
+
+    def spy(hidden, weight, bias, labels, *rest):
+        scored.append(hidden.shape[0])
+        return real(hidden, weight, bias, labels, *rest)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    results = []
+    for cls, config_cls in ((SFTTrainer, SFTConfig), (trl.SFTTrainer, trl.SFTConfig)):
+        kw = {k: v for k, v in vars(_config(tmp_path)).items() if k in trl.SFTConfig.__dataclass_fields__}
+        trainer = cls(model=_model(), args=config_cls(**{**kw, "output_dir": str(tmp_path / cls.__module__)}),
+                      train_dataset=_dataset(), processing_class=load_tokenizer("tiny-qwen2"))
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        scored.clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        labels = batch["labels"][:, 1:]
+        results.append((scored[:], loss.detach(), _grads(trainer.model), int((labels != -100).sum()), labels.numel()))
+    (ours, loss, grads, labelled, positions), (theirs, trl_loss, trl_grads, _, _) = results
+    assert ours == [labelled] and theirs == [positions] and labelled < positions / 2
+    torch.testing.assert_close(loss, trl_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == trl_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], trl_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert trl_utils._use_triton is switch
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -3,6 +3,7 @@ schedule over optimizer steps, unshifted logged rewards, resume, evaluation, and
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -13,7 +14,8 @@ from datasets import Dataset
 import posttrain.trainers.dpo as dpo_module
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.loading import lora_config
-from posttrain.trainers.dpo import DPOConfig, DPOShiftConfig, DPOShiftTrainer
+from posttrain.trainers.dpo import DPOConfig, DPOShiftConfig, DPOShiftTrainer, DPOTrainer
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 
 TRL_ONLY = {"dpo_shift/f"}
 
@@ -36,11 +38,16 @@ def config_kwargs(out, **kw) -> dict:
     return base
 
 
-def train(trainer_cls, config, peft: bool, **kw):
-    trainer = trainer_cls(model=load_model("tiny-qwen2"), args=config, train_dataset=pairs(),
-                          processing_class=load_tokenizer("tiny-qwen2"),
-                          peft_config=lora_config(8, 16, 0.0, "all-linear", None) if peft else None, **kw)
-    trainer.train()
+def train(trainer_cls, config, peft: bool, compact: bool = True, **kw):
+    """Build and train. TRL's own DPOTrainer runs with its fused LM head scoring only the response positions, as
+    posttrain's DPO trainers do on the CPU (their one change to TRL's arithmetic, tested on its own below), unless
+    `compact=False`."""
+    switch = compact and trainer_cls is trl.DPOTrainer
+    with compact_lm_head_on_cpu(torch.device("cpu")) if switch else contextlib.nullcontext():
+        trainer = trainer_cls(model=load_model("tiny-qwen2"), args=config, train_dataset=pairs(),
+                              processing_class=load_tokenizer("tiny-qwen2"),
+                              peft_config=lora_config(8, 16, 0.0, "all-linear", None) if peft else None, **kw)
+        trainer.train()
     return trainer
 
 
@@ -71,6 +78,66 @@ def test_f_one_is_trls_dpo_bit_for_bit(tmp_path, setting):
         assert any(not torch.equal(w_ours[n], start[n]) for n in w_ours if n in start)
     else:
         assert any(w.abs().sum() > 0 for n, w in w_ours.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("setting", ["lora", "full_precomputed_reference"])
+def test_dpo_scores_only_the_response_positions_on_cpu(tmp_path, monkeypatch, setting):
+    """TRL's fused LM head scores every prompt and padding position off Triton devices; posttrain's DPOTrainer makes
+    it score only the labelled (response) positions on the CPU, in the loss and in the precomputed reference
+    log-probs, and leaves TRL's switch as it was."""
+    import trl.trainer.utils as trl_utils
+
+    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    switch = trl_utils._use_triton
+
+    def spy(hidden, weight, bias, labels, *rest):
+        scored.append(hidden.shape[0])
+        return real(hidden, weight, bias, labels, *rest)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    responses, positions = [], []
+    original = trl.DPOTrainer._compute_loss
+
+    def counting(self, model, inputs, return_outputs):
+        responses.append(int(inputs["completion_mask"][:, 1:].sum()))
+        positions.append(inputs["completion_mask"][:, 1:].numel())  # what TRL scores off Triton devices
+        return original(self, model, inputs, return_outputs)
+
+    monkeypatch.setattr(trl.DPOTrainer, "_compute_loss", counting)
+    precompute = setting.endswith("reference")
+    trainer = train(DPOTrainer, DPOConfig(**config_kwargs(tmp_path, precompute_ref_log_probs=precompute)),
+                    peft=not precompute)
+    forwards = 1 if precompute else 2  # the policy; with LoRA, the policy with its adapter disabled as well
+    assert len(responses) == 2 and scored[-forwards * 2:] == [n for n in responses for _ in range(forwards)]
+    if precompute:  # the reference log-probs, computed in __init__ over the 8 pairs, 4 per batch
+        assert len(scored) == 2 + 2 and sum(scored[:2]) == sum(responses)
+    assert all(n < p for n, p in zip(responses, positions, strict=True))  # the prompts are not scored
+    assert trl_utils._use_triton is switch and trainer.state.global_step == 2
+
+
+def test_dpo_equals_trls_to_rounding(tmp_path):
+    """The loss, metrics and gradient of posttrain's DPOTrainer on a batch equal TRL's (every position scored) to
+    float rounding. (Weights after Adam steps are not compared: Adam scales a rounding-sized gradient of a
+    rarely-seen token's embedding to a full step.)"""
+    results = []
+    for cls, config_cls in ((DPOTrainer, DPOConfig), (trl.DPOTrainer, trl.DPOConfig)):
+        trainer = cls(model=load_model("tiny-qwen2"), args=config_cls(**config_kwargs(tmp_path / cls.__module__)),
+                      train_dataset=pairs(), processing_class=load_tokenizer("tiny-qwen2"))
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.detach(), metrics, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    (loss, metrics, grads), (trl_loss, trl_metrics, trl_grads) = results
+    torch.testing.assert_close(loss, trl_loss, atol=1e-6, rtol=1e-6)
+    assert metrics.keys() == trl_metrics.keys()
+    for k in metrics:
+        assert metrics[k] == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
+    assert grads.keys() == trl_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], trl_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    assert issubclass(DPOShiftTrainer, DPOTrainer)
 
 
 def test_f_below_one_trains_differently_and_logs_f(tmp_path):

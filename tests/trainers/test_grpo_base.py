@@ -8,7 +8,8 @@ import torch
 import trl
 
 from posttrain.models import load_model, load_tokenizer, lora_config
-from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer, compact_lm_head_on_cpu
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
+from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
 from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
 TRACKED = ["entropy/mean", "entropy/p50", "entropy/p95", "entropy/top20_mean",

@@ -13,6 +13,7 @@ from posttrain.algos.entropy_terms import epo_beta
 from posttrain.algos.token_weights import DCPOArgs, dcpo_alpha
 from posttrain.models import load_model, load_tokenizer, lora_config
 from posttrain.trainers import grpo
+from posttrain.trainers.fused_head import compact_lm_head_on_cpu
 from posttrain.trainers.grpo import (
     BNPOConfig,
     BNPOTrainer,
@@ -24,7 +25,6 @@ from posttrain.trainers.grpo import (
     EPOTrainer,
     STEERConfig,
     STEERTrainer,
-    compact_lm_head_on_cpu,
 )
 from tests.trainers.tiny_setting import config_kwargs, dataset, digit_reward
 
