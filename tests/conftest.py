@@ -22,3 +22,20 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def benchmarks_dir(shared_data: Path) -> Path:
     return shared_data / "benchmarks"
+
+
+@pytest.fixture
+def scored_positions(monkeypatch) -> list[int]:
+    """The number of positions each call of TRL's fused LM head scores (rows of hidden states it projects),
+    appended as the calls happen."""
+    import trl.trainer.utils as trl_utils
+
+    scored: list[int] = []
+    real = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, weight, bias, labels, *rest):
+        scored.append(hidden.shape[0])
+        return real(hidden, weight, bias, labels, *rest)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    return scored

@@ -315,7 +315,7 @@ def test_method_state_with_tensors_round_trips_and_missing_state_is_an_error(tmp
 # --- the fused LM head on the CPU ---------------------------------------------------------------------------------
 
 
-def test_sft_scores_only_the_completion_positions_and_equals_trl(tmp_path, monkeypatch):
+def test_sft_scores_only_the_completion_positions_and_equals_trl(tmp_path, scored_positions):
     """TRL's fused LM head scores every prompt and padding position off Triton devices; posttrain's SFT trainers
     make it score only the labelled (completion) positions on the CPU, with TRL's loss and gradient to rounding."""
     import trl
@@ -323,14 +323,8 @@ def test_sft_scores_only_the_completion_positions_and_equals_trl(tmp_path, monke
 
     from posttrain.trainers.continual import SFTConfig, SFTTrainer
 
-    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    scored = scored_positions
     switch = trl_utils._use_triton
-
-    def spy(hidden, weight, bias, labels, *rest):
-        scored.append(hidden.shape[0])
-        return real(hidden, weight, bias, labels, *rest)
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
     results = []
     for cls, config_cls in ((SFTTrainer, SFTConfig), (trl.SFTTrainer, trl.SFTConfig)):
         kw = {k: v for k, v in vars(_config(tmp_path)).items() if k in trl.SFTConfig.__dataclass_fields__}

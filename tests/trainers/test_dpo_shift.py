@@ -81,20 +81,14 @@ def test_f_one_is_trls_dpo_bit_for_bit(tmp_path, setting):
 
 
 @pytest.mark.parametrize("setting", ["lora", "full_precomputed_reference"])
-def test_dpo_scores_only_the_response_positions_on_cpu(tmp_path, monkeypatch, setting):
+def test_dpo_scores_only_the_response_positions_on_cpu(tmp_path, monkeypatch, scored_positions, setting):
     """TRL's fused LM head scores every prompt and padding position off Triton devices; posttrain's DPOTrainer makes
     it score only the labelled (response) positions on the CPU, in the loss and in the precomputed reference
     log-probs, and leaves TRL's switch as it was."""
     import trl.trainer.utils as trl_utils
 
-    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    scored = scored_positions
     switch = trl_utils._use_triton
-
-    def spy(hidden, weight, bias, labels, *rest):
-        scored.append(hidden.shape[0])
-        return real(hidden, weight, bias, labels, *rest)
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
     responses, positions = [], []
     original = trl.DPOTrainer._compute_loss
 

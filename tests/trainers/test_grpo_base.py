@@ -153,19 +153,13 @@ def test_rollouts_jsonl_every_n_steps(tmp_path):
     assert abs(sum(x["advantage"] for x in first)) < 1e-4  # group-normalised advantages sum to ~0
 
 
-def test_loss_forward_on_cpu_scores_only_the_completion_tokens(tmp_path, monkeypatch):
+def test_loss_forward_on_cpu_scores_only_the_completion_tokens(tmp_path, scored_positions):
     """TRL's fused LM head scores every position off Triton devices; the base makes it score only the labelled
     (completion) positions on the CPU, and leaves TRL's switch as it was afterwards."""
     import trl.trainer.utils as trl_utils
 
-    scored, real = [], trl_utils._ChunkedLogProbFunction.apply
+    scored = scored_positions
     switch = trl_utils._use_triton
-
-    def spy(hidden, weight, bias, labels, *rest):
-        scored.append(hidden.shape[0])
-        return real(hidden, weight, bias, labels, *rest)
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
     masks = []
     trainer = make(tmp_path)
     compute_loss = trainer._compute_loss
