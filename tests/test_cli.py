@@ -73,6 +73,11 @@ def test_validate_accepts_every_shipped_recipe(recipe, capsys):
     (["rollout.num_generations=3"], "rollout.num_generations / trainer.per_device_train_batch_size: "
                                     "generation_batch_size (16) must be divisible by num_generations (3)"),
     (["trainer.loss_type=dapoo"], "trainer.loss_type: 'dapoo' is not one of TRL's GRPO losses"),
+    (["rollout.engine=vllm", "rollout.vllm.mode=server", "rollout.vllm.base_url=http://a:8000,b:8000"],
+     "rollout.vllm.base_url: base_url entry 1 ('b:8000') is not a server address like http://host:8000"),
+    (["model.peft=null", "rollout.engine=vllm", "rollout.vllm.mode=server",
+      "rollout.vllm.base_url=[http://a:8000,http://b:8000]"],
+     "rollout.vllm.base_url: 2 servers need LoRA training (model.peft)"),
 ])
 def test_validate_reports_trl_config_problems_before_any_model_loads(overrides, message, capsys, monkeypatch, tmp_path):
     import posttrain.models as models

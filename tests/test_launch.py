@@ -79,6 +79,16 @@ def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
     assert "rollout.vllm.mode=server rollout.vllm.base_url=http://127.0.0.1:8000" in train
     assert "output_dir=outputs/42" in train and "-m posttrain train recipes/grpo/steer_gpu.yaml" in train
     assert "-m posttrain eval --model Qwen/Qwen2.5-1.5B-Instruct --adapter outputs/42" in evaluate
+    # SERVER_TP=1: a server on each serving GPU, its own port; training ranks get both addresses
+    *servers, train, _ = _dry("slurm/single_node.sbatch", RECIPE="r.yaml", MODEL="m", SLURM_GPUS_ON_NODE="8",
+                              SERVER_GPUS="2", SERVER_TP="1")
+    assert [line.split(" launch/")[0] for line in servers] == ["+ CUDA_VISIBLE_DEVICES=0", "+ CUDA_VISIBLE_DEVICES=1"]
+    assert "--port 8000 --tensor-parallel 1" in servers[0] and "--port 8001 --tensor-parallel 1" in servers[1]
+    assert "rollout.vllm.base_url=http://127.0.0.1:8000,http://127.0.0.1:8001 " in train
+    bad = subprocess.run(["bash", str(LAUNCH / "slurm/single_node.sbatch")], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "DRY_RUN": "1", "RECIPE": "r", "MODEL": "m",
+                              "SERVER_GPUS": "3", "SERVER_TP": "2"})
+    assert bad.returncode == 2 and "SERVER_TP=2 does not divide SERVER_GPUS=3" in bad.stderr
     missing = subprocess.run(["bash", str(LAUNCH / "slurm/single_node.sbatch")], capture_output=True, text=True,
                              env={"PATH": os.environ["PATH"], "DRY_RUN": "1"})
     assert missing.returncode != 0 and "set RECIPE" in missing.stderr
@@ -95,6 +105,15 @@ def test_multi_node_dry_run_starts_servers_then_one_launcher_per_training_node()
         assert "--num_machines 2" in line and "--num_processes 16" in line
         assert "rollout.vllm.base_url=http://n3:8000 rollout.vllm.adapter_dir=/shared/a" in line
     assert "-m posttrain eval --model m" in lines[-1]
+    # two serving nodes: both start and are waited for; every launcher gets both addresses
+    lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a", SLURM_NNODES="4",
+                 SLURM_JOB_NODELIST="n1,n2,n3,n4", VLLM_NODES="2")
+    assert [line.split(" launch/")[0] for line in lines[:2]] == ["+ srun --nodes 1 --ntasks 1 -w n3",
+                                                                 "+ srun --nodes 1 --ntasks 1 -w n4"]
+    assert lines[2:4] == ["+ wait for http://n3:8000/health", "+ wait for http://n4:8000/health"]
+    launchers = [line for line in lines if "accelerate.commands.launch" in line]
+    assert len(launchers) == 2 and all("rollout.vllm.base_url=http://n3:8000,http://n4:8000 " in line
+                                       for line in launchers)
 
 
 @pytest.mark.multiproc

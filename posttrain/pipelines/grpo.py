@@ -75,6 +75,27 @@ def _vllm_options(rollout: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in options.items() if k not in trl_side}, trl_side
 
 
+def _server_problems(recipe: Recipe) -> list[str]:
+    """`rollout.vllm` server addresses (server mode), checked before any model loads: each an http(s) URL, and
+    several servers only with a LoRA adapter (full-weight sync goes to one server, over NCCL)."""
+    options = _vllm_options(recipe.rollout)[0]
+    if recipe.rollout.engine != "vllm" or options.get("mode", "colocate") != "server":
+        return []
+    key = next((k for k in ("base_url", "server_base_url") if k in options), None)
+    if key is None:
+        return []
+    from posttrain.rollout.vllm import server_urls
+
+    try:
+        urls = server_urls(options[key])
+    except ValueError as err:
+        return [f"rollout.vllm.{key}: {err}"]
+    if len(urls) > 1 and recipe.model.peft is None:
+        return [f"rollout.vllm.{key}: {len(urls)} servers need LoRA training (model.peft), whose adapter is loaded "
+                "on every server after each step; full-weight sync goes to one `trl vllm-serve` server over NCCL"]
+    return []
+
+
 COLOCATED_GPU_MEMORY_SHARE = 0.3  # TRL's GRPOConfig.vllm_gpu_memory_utilization default
 
 
@@ -119,6 +140,7 @@ class GRPOPipeline(Pipeline):
         loss = recipe.trainer.get("loss_type")
         if loss is not None and loss not in LOSS_TYPES:
             problems.append(f"trainer.loss_type: {loss!r} is not one of TRL's GRPO losses ({', '.join(LOSS_TYPES)})")
+        problems += _server_problems(recipe)
         config_class = _config_class(recipe)
         if problems or not any(c.__module__.startswith("trl.") for c in config_class.__mro__):
             return problems  # a config class that is not TRL's has no TRL checks to run

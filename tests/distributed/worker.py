@@ -63,40 +63,51 @@ def fsdp2_full_state_dict() -> dict:
 class _Response:
     status_code, text, headers = 200, "", {}
 
+    def __init__(self, body: dict | None = None) -> None:
+        self.body = body or {}
+
+    def raise_for_status(self) -> None:
+        pass
+
     def json(self) -> dict:
-        return {}
+        return self.body
 
 
 class _Session:
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict]] = []
+    """requests.Session without servers: serves model "base" and records every POST as (server, route)."""
+
+    posts: list[tuple[str, str]] = []
+
+    def get(self, url: str, timeout: float) -> _Response:
+        return _Response({"data": [{"id": "base"}]})
 
     def post(self, url: str, json: dict, timeout: float) -> _Response:  # noqa: A002 - requests' signature
-        self.posts.append((url.rsplit("/", 1)[-1], json))
+        server, _, route = url.removeprefix("http://").partition("/")
+        _Session.posts.append((server, route.rsplit("/", 1)[-1]))
         return _Response()
 
 
 def server_lora_sync() -> dict:
-    """VLLMServerEngine.sync_weights under 2 ranks: rank 0 alone loads the adapter on the server (one request per
-    sync), both ranks then ask for the same adapter name."""
+    """VLLMServerEngine.sync_weights under 2 ranks and 2 servers: each rank generates on its own server, rank 0 alone
+    loads each adapter on both servers (one request per server and sync), both ranks then ask for the same name."""
     import tempfile
 
+    import requests
     from peft import LoraConfig, get_peft_model
 
     from posttrain.rollout.vllm import VLLMServerEngine
 
     torch.manual_seed(0)
     model = get_peft_model(_Tiny(), LoraConfig(r=2, target_modules=["proj"]))
-    engine = VLLMServerEngine.__new__(VLLMServerEngine)  # no server: the HTTP session is a recorder
-    engine.base_url, engine.timeout, engine.session = "http://server:8000", 5.0, _Session()
-    engine.model_name = engine._served = "base"
-    engine._lora_version, engine._run_tag = 0, None
-    engine.adapter_dir = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+    requests.Session = _Session  # no servers: the HTTP sessions answer /v1/models and record the rest
+    adapter_dir = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+    engine = VLLMServerEngine("http://s0:8000,http://s1:8000", tokenizer=[0] * 10, timeout=5.0,
+                              adapter_dir=adapter_dir)
     names = []
     for _ in range(2):
         engine.sync_weights(model)
         names.append(engine._served)
-    return {"names": names, "posts": [route for route, _ in engine.session.posts]}
+    return {"names": names, "posts": _Session.posts, "share": engine.share}
 
 
 class _Tiny(torch.nn.Module):

@@ -1,5 +1,5 @@
-"""Engine details that need no vLLM install: the server client's model lookup and adapter names, TRL's view of a
-server engine's context, seeded HF generation forking the accelerator RNG."""
+"""Engine details that need no vLLM install: the server client's model lookup, adapter names and its spread over
+several servers, TRL's view of a server engine's context, seeded HF generation forking the accelerator RNG."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 def _server(monkeypatch, models):
     from posttrain.rollout import vllm
 
-    monkeypatch.setattr(vllm.VLLMServerEngine, "_models", lambda self: models)
+    monkeypatch.setattr(vllm.VLLMServerEngine, "_models",
+                        lambda self, url: models[url] if isinstance(models, dict) else models)
     return vllm.VLLMServerEngine
 
 
@@ -40,10 +41,96 @@ def test_adapter_names_are_unique_per_engine(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm, "_save_adapter", lambda model, directory, write=True: directory)
     for _ in range(2):
         engine = engine_cls("http://localhost:1", tokenizer=[0] * 10, adapter_dir=str(tmp_path))
-        engine.session = Session()
+        engine.sessions = {url: Session() for url in engine.servers}
         engine._sync_lora(model=None)
     loaded = [n for i, n in enumerate(names) if n is not None]
     assert len(loaded) == 2 and loaded[0] != loaded[1] and all(n.endswith("-1") for n in loaded)
+
+
+def test_server_urls_take_one_a_list_or_commas_and_name_a_bad_entry():
+    from posttrain.rollout.vllm import server_urls
+
+    assert server_urls("http://a:8000/") == ["http://a:8000"]
+    assert server_urls("http://a:8000, https://b:9000") == ["http://a:8000", "https://b:9000"]
+    assert server_urls(["http://a:8000", "http://b:8000"]) == ["http://a:8000", "http://b:8000"]
+    with pytest.raises(ValueError, match=r"entry 1 \('b:8000'\) is not a server address"):
+        server_urls(["http://a:8000", "b:8000"])
+    with pytest.raises(ValueError, match=r"entry 0 \('http://a:8000/v1'\)"):
+        server_urls("http://a:8000/v1")
+    with pytest.raises(ValueError, match="names a server twice"):
+        server_urls("http://a:8000,http://a:8000/")
+    with pytest.raises(ValueError, match="names no server"):
+        server_urls([])
+
+
+@pytest.mark.parametrize("servers", range(1, 10))
+@pytest.mark.parametrize("world", range(1, 10))
+def test_server_share_gives_every_rank_a_server_and_every_server_a_rank(servers, world):
+    from collections import Counter
+
+    from posttrain.rollout.vllm import server_share
+
+    urls = [f"http://s{i}:8000" for i in range(servers)]
+    shares = [server_share(urls, rank, world) for rank in range(world)]
+    assert all(shares) and sorted({u for share in shares for u in share}) == sorted(urls)
+    if servers >= world:  # each server has one rank; ranks' shares differ in size by at most one
+        assert sorted(u for share in shares for u in share) == sorted(urls)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    else:  # each rank has one server; servers' loads differ by at most one rank
+        load = Counter(share[0] for share in shares)
+        assert all(len(share) == 1 for share in shares) and max(load.values()) - min(load.values()) <= 1
+
+
+def test_servers_must_serve_the_same_model(monkeypatch):
+    engine_cls = _server(monkeypatch, {"http://a:1": [{"id": "m", "max_model_len": 256}],
+                                       "http://b:1": [{"id": "m", "max_model_len": 128}],
+                                       "http://c:1": [{"id": "other"}]})
+    engine = engine_cls("http://a:1,http://b:1", tokenizer=[0] * 10)
+    assert engine.servers == engine.share == ["http://a:1", "http://b:1"] and engine.context_length == 128
+    with pytest.raises(ValueError, match=r"http://a:1 serves 'm', http://b:1 serves 'm', http://c:1 serves 'other'"):
+        engine_cls(["http://a:1", "http://b:1", "http://c:1"], tokenizer=[0] * 10)
+    with pytest.raises(ValueError, match=r"the vLLM server at http://c:1 does not serve 'm'"):
+        engine_cls(["http://a:1", "http://c:1"], tokenizer=[0] * 10, model_name="m")
+    with pytest.raises(ValueError, match="weight_sync_url"):
+        engine_cls("http://a:1,http://b:1", tokenizer=[0] * 10, weight_sync_url="http://a:1")
+
+
+class _Completions:
+    """A server's /v1/completions: each choice's token is its prompt's first id, then the request's seed."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def post(self, url, json, timeout):
+        self.log.append((url.split("/v1")[0], [p[0] for p in json["prompt"]], json.get("seed")))
+        choices = [{"index": i * json["n"] + j, "token_ids": [p[0], json.get("seed", -1) + j], "text": "",
+                    "finish_reason": "length", "logprobs": {"token_logprobs": [-1.0, -2.0], "top_logprobs": [{}, {}]}}
+                   for i, p in enumerate(json["prompt"]) for j in range(json["n"])]
+        return SimpleNamespace(status_code=200, text="", headers={"content-type": "application/json"},
+                               json=lambda: {"choices": choices})
+
+
+@pytest.mark.parametrize("seed", [None, 100])
+def test_a_ranks_servers_split_the_prompts_with_the_seeds_of_the_whole_call(monkeypatch, seed):
+    from posttrain.rollout import SamplingParams
+
+    urls = ["http://a:1", "http://b:1", "http://c:1"]
+    engine_cls = _server(monkeypatch, [{"id": "m"}])
+    engine = engine_cls(urls, tokenizer=[0] * 10)
+    engine.tokenizer = SimpleNamespace(decode=lambda ids, **kw: str(ids))  # only the texts read it
+    log = []
+    engine.sessions = {url: _Completions(log) for url in urls}
+    prompts = [[10 + i] for i in range(7)]
+    out = engine.generate_ids(prompts, SamplingParams(n=2, max_new_tokens=2, logprobs=True, seed=seed))
+    # 7 prompts over 3 servers: 3, 2, 2 in order; every prompt's completions come back to its place
+    if seed is None:  # one batched request a server
+        assert sorted((u, tuple(p)) for u, p, _ in log) == [
+            ("http://a:1", (10, 11, 12)), ("http://b:1", (13, 14)), ("http://c:1", (15, 16))]
+    assert [c.token_ids[0] for o in out for c in o.completions] == [10 + i for i in range(7) for _ in range(2)]
+    if seed is not None:  # one request a prompt, seeded as in one server's call: seed + prompt index x n
+        assert sorted((p[0], s) for _, p, s in log) == [(10 + i, 100 + 2 * i) for i in range(7)]
+        assert [c.token_ids[1] for o in out for c in o.completions] == [100 + 2 * i + j for i in range(7) for j in range(2)]
+        assert {u for u, p, _ in log if p[0] in (13, 14)} == {"http://b:1"}
 
 
 def test_trl_sees_the_context_of_a_server_engine():

