@@ -17,7 +17,7 @@ LAUNCH = REPO / "launch"
 CONFIGS = {"cpu_2proc.yaml": "MULTI_GPU", "single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU",
            "fsdp2.yaml": "FSDP", "fsdp2_offload.yaml": "FSDP", "zero2.yaml": "DEEPSPEED", "zero3.yaml": "DEEPSPEED",
            "multi_node.yaml": "MULTI_GPU"}
-SCRIPTS = [LAUNCH / "vllm_server.sh", *sorted((LAUNCH / "slurm").glob("*.sbatch"))]
+SCRIPTS = [LAUNCH / "vllm_server.sh", *sorted((LAUNCH / "slurm").glob("*.sbatch")), REPO / "bench" / "gpu_check.sh"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -133,6 +133,16 @@ def test_quickstart_pipeline_on_tiny_model(tmp_path):
     assert all(k in steps[0] for k in TRACKED)
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert all(k in history[0] for k in TRACKED)
+    # perf/: each logged step's time, tokens/s (the tokens TRL counted in that step) and peak memory; no MFU on CPU
+    logged = [h for h in steps if "reward" in h]
+    tokens = [0] + [h["num_tokens"] for h in logged]
+    assert len(logged) == 2
+    for i, h in enumerate(logged):
+        assert h["perf/step_seconds"] > 0 and h["perf/peak_memory_gb"] > 0.1 and "perf/mfu" not in h
+        seen = h["perf/tokens_per_second"] * h["perf/step_seconds"]  # one step a log in the quickstart
+        assert seen == pytest.approx(tokens[i + 1] - tokens[i], rel=1e-6)
+    assert summary["perf"]["peak_memory_gb"] == max(h["perf/peak_memory_gb"] for h in logged)
+    assert "Median step" in (report / "README.md").read_text()
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the quickstart trains a LoRA adapter
     assert (report / "recipe.yaml").is_file() and "accuracy" in (report / "README.md").read_text()
     assert result.report_dir == report
@@ -170,3 +180,4 @@ def test_report_to_tensorboard_writes_event_files(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert "train/entropy/mean" in acc.Tags()["scalars"] and "train/reward" in acc.Tags()["scalars"]
+    assert "train/perf/step_seconds" in acc.Tags()["scalars"]  # the perf callback runs before the trackers

@@ -189,14 +189,18 @@ def to_accelerator(model: Any) -> Any:
 
 def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_dir: Path | None = None) -> None:
     """`trainer.train()` (resuming as asked), then the final model (or adapter) and trainer state in `save_dir`
-    (default: output_dir); records train_minutes and steps in `summary`."""
+    (default: output_dir); records train_minutes, steps and the run's speed and memory (`perf`) in `summary`."""
     from posttrain.checkpoints import RecipeCheckpointCallback
+    from posttrain.trainers.perf import attach_perf, perf_summary
 
     trainer.add_callback(RecipeCheckpointCallback(ctx.recipe))
+    attach_perf(trainer)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ctx.resume)
     summary["train_minutes"] = (time.perf_counter() - t0) / 60
     summary["steps"] = trainer.state.global_step
+    if perf := perf_summary(trainer.state.log_history):
+        summary["perf"] = perf
     trainer.save_model(str(save_dir or ctx.output_dir))
     trainer.save_state()
 
@@ -246,6 +250,10 @@ def _report_markdown(summary: dict[str, Any], plot: Path | None, extra: list[str
         lines += ["", f"Held-out problems: {summary.get('n_eval')} ({summary.get('eval_task')}), greedy decoding.", ""]
     if "train_minutes" in summary:
         lines.append(f"Training: {summary.get('steps')} steps in {summary['train_minutes']:.1f} min.")
+    if perf := summary.get("perf"):
+        from posttrain.trainers.perf import describe_perf
+
+        lines.append(describe_perf(perf))
     if "entropy_min" in summary:
         lines.append(f"Lowest token entropy during training: {summary['entropy_min']:.3f}.")
     if summary.get("entropy_collapse"):

@@ -69,6 +69,8 @@ def test_contract_report_and_checkpoints(tiny_run):
     assert all(torch.equal(v, after_amazon[k]) for k, v in after_agnews.items() if k.startswith("group_1/"))
     assert not all(torch.equal(v, after_amazon[k]) for k, v in after_agnews.items() if k.startswith("group_0/"))
     assert result.summary["groups"] == 2 and result.summary["steps"] == 6
+    logged = [json.loads(line) for line in (tmp_path / "report" / "metrics.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in logged if h.get("perf/step_seconds", 0) > 0} == {0, 1, 2}  # every stage's speed
     assert (tmp_path / "report" / "README.md").read_text().count("| after |") == 1
 
 
