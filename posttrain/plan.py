@@ -17,10 +17,16 @@ sequence length of one micro-batch (GRPO: prompt + completion; DPO and reward mo
 layer and token a_layer = b_a (8h + 5 kv + 4i) + 24h for a Llama-style decoder (hidden h, key-value width kv, MLP width
 i: the projections' outputs, the rotary copies, GQA's repeated keys and values, the MLP's four i-wide tensors, and
 three float32 tensors per RMSNorm), or b_a h (the layer's input only) with gradient checkpointing plus one layer
-recomputed. Logits: 2 x tokens_scored x V x 4 (float32 logits and their gradient).
+recomputed. The LM head, over the S scored tokens:
+- the model's own loss (`lm_head="logits"`): 2 x S x V x 4 (float32 logits and their gradient);
+- TRL's fused LM head (`"fused"`: posttrain's GRPO, DPO and SFT trainers, which never build the logits):
+  S h (b_a + 4) (the scored hidden states, saved, and their float32 gradient) + one [min(S, 4096), min(V, 32768)]
+  tile in b_a bytes (on the CPU, whose torch fallback runs without Triton, 8 float32 temporaries of the tile's size
+  beside it) + V h 4 under full fine-tuning (the head's float32 weight gradient).
 
 Checked against a measured peak on CPU (tests/plan/test_plan.py: real training steps of a 30M-parameter Llama, full
-and LoRA, with and without gradient checkpointing; 0.90-1.12 of the measured peak, no fitted constant). Not modelled:
+and LoRA, with and without gradient checkpointing, 0.90-1.12 of the measured peak; the fused head on five shapes,
+0.97-1.13, with the CPU's temporaries; no fitted constant). Not modelled:
 the CUDA context and allocator fragmentation (a fixed `--overhead` per GPU, 1.5 GB by default), FSDP's all-gather
 buffers (about two layers' weights), and DeepSpeed's communication buckets.
 """
@@ -39,6 +45,12 @@ GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 LAUNCH = "launch/accelerate"
 LOGIT_COPIES = 2  # float32 logits and their gradient
+# TRL's fused LM head (trl/kernels/chunked_logprob.py): projects [4096 tokens, 32768 vocabulary] tiles into one buffer
+FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768
+# float32 tile-sized temporaries beside that buffer: none where its Triton kernels fold the tile in place (CUDA, XPU);
+# on the CPU its torch fallback (`_backward_tile`) keeps the upcast tile, logits, log-probs, probabilities and the
+# gradient live, with up to three temporaries of the update beside them
+FUSED_TILE_TEMPORARIES = {"gpu": 0, "cpu": 8}
 
 
 class PlanError(ValueError):
@@ -68,6 +80,9 @@ class PlanInputs:
     seq_len: int = 512            # tokens per sequence
     scored_tokens: int | None = None  # tokens whose logits are computed (default rows x seq_len)
     gradient_checkpointing: bool = False
+    lm_head: str = "logits"       # "logits": the model's own loss over full float32 logits; "fused": TRL's fused LM
+                                  # head (GRPO, DPO and SFT trainers), which never builds the logits
+    device: str = "gpu"           # where the fused head runs: "gpu" (Triton kernels) or "cpu" (its torch fallback)
     vllm_share: float | None = None  # colocated vLLM's gpu_memory_utilization
     kv_rows: int = 0              # HF engine: sequences generated at once (their KV cache), when no vLLM
     overhead_gb: float = 1.5
@@ -154,7 +169,21 @@ def _activations(shape: ModelShape, inp: PlanInputs) -> float:
     else:
         body = tokens * shape.layers * per_layer
     scored = inp.scored_tokens if inp.scored_tokens is not None else tokens
-    return body + LOGIT_COPIES * scored * shape.vocab * 4
+    if inp.lm_head != "fused":
+        return body + LOGIT_COPIES * scored * shape.vocab * 4
+    return body + _fused_head(shape, inp, scored)
+
+
+def _fused_head(shape: ModelShape, inp: PlanInputs, scored: int) -> float:
+    """TRL's fused LM head at its backward: the scored positions' hidden states (saved) and their float32 gradient,
+    the tile buffer (and the CPU fallback's float32 temporaries), and under full fine-tuning the float32 gradient
+    of the head's weight that the kernel accumulates before autograd adds it to the parameter's."""
+    tile = min(scored, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE)
+    head = scored * shape.hidden * (inp.dtype_bytes + 4)
+    head += tile * (inp.dtype_bytes + 4 * FUSED_TILE_TEMPORARIES[inp.device])
+    if not inp.lora:
+        head += shape.vocab * shape.hidden * 4
+    return head
 
 
 def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:
@@ -194,6 +223,9 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:
 
 # --- from a recipe -------------------------------------------------------------------------------------------------
 
+FUSED_HEAD_KINDS = ("grpo", "dpo", "continual")  # their TRL trainers score tokens with the fused LM head
+
+
 def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhead_gb: float) -> PlanInputs:
     """Batch, sequence lengths, dtype, LoRA, optimizer and generation settings of a recipe, per method kind."""
     from posttrain.methods import get_method
@@ -227,6 +259,7 @@ def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhe
     return PlanInputs(gpus=gpus, gpu_memory_gb=gpu_memory_gb, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
                       lora=recipe.model.peft is not None, optimizer=optimizer, rows=rows, seq_len=seq,
                       scored_tokens=scored, gradient_checkpointing=bool(t.get("gradient_checkpointing", False)),
+                      lm_head="fused" if kind in FUSED_HEAD_KINDS else "logits",
                       vllm_share=vllm_share, kv_rows=rows if kind == "grpo" and vllm_share is None else 0,
                       overhead_gb=overhead_gb)
 
