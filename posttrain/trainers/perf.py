@@ -61,13 +61,22 @@ def matmul_params(model: Any) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    emb = get_in() if callable(get_in) else None
-    out = get_out() if callable(get_out) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        if out is None or getattr(out, "weight", None) is not emb.weight:
-            total -= emb.weight.numel()
+    emb, out = _weight(model, "get_input_embeddings"), _weight(model, "get_output_embeddings")
+    if emb is not None and out is not emb:
+        total -= emb.numel()
     return total
+
+
+def _weight(model: Any, getter: str) -> Any:
+    """The weight of `model.get_input_embeddings()` / `get_output_embeddings()`, or None where the model has none
+    (transformers raises NotImplementedError for a model class that does not say, such as a reward head over
+    features)."""
+    get = getattr(model, getter, None)
+    try:
+        module = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return getattr(module, "weight", None)
 
 
 def _peak_memory() -> dict[str, float]:

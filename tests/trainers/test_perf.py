@@ -27,6 +27,24 @@ def test_matmul_params_drop_an_untied_input_embedding_only(tied):
     assert matmul_params(torch.nn.Linear(3, 4)) == 16  # no embeddings at all
 
 
+def test_matmul_params_of_a_model_that_cannot_name_its_embeddings():
+    """transformers raises NotImplementedError from get_input_embeddings for a model class that does not define it
+    (the reward ensemble's heads over features): every parameter counts, and training goes on."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(8, 3)
+
+        def get_input_embeddings(self):
+            raise NotImplementedError("not auto-handled")
+
+        def get_output_embeddings(self):
+            raise NotImplementedError("not auto-handled")
+
+    assert matmul_params(Heads()) == 27
+
+
 def test_peak_flops_by_device_name_or_environment(monkeypatch):
     monkeypatch.delenv("POSTTRAIN_PEAK_TFLOPS", raising=False)
     assert peak_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
