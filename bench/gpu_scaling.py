@@ -28,14 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+from plan_table import QWEN25  # bench/ is this script's folder: the planner table's published Qwen2.5 configs
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "grpo" / "steer_gpu.yaml"
-# hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings (the models' config.json; as bench/plan_table)
-SIZES = {
-    "0.5B": (896, 24, 14, 2, 4864, 151936, True),
-    "1.5B": (1536, 28, 12, 2, 8960, 151936, True),
-    "tiny": (64, 2, 4, 2, 128, 151936, True),  # the real vocabulary: the LM head's share stays realistic
-}
+# hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings; "tiny" keeps the real vocabulary, so the LM
+# head's share of a step stays realistic
+SIZES = {**{name.removeprefix("Qwen2.5-"): shape for name, shape in QWEN25.items()},
+         "tiny": (64, 2, 4, 2, 128, 151936, True)}
 SETUPS = {"full": [], "lora": ["model.peft={r: 64, alpha: 128}"]}
 
 

@@ -18,14 +18,42 @@ REPO = Path(__file__).resolve().parents[2]
 MEASURE = Path(__file__).with_name("measure_peak.py")
 
 
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory) -> Path:
+def _llama(tmp_path_factory, name: str, **sizes) -> Path:
     from transformers import LlamaConfig
 
-    path = tmp_path_factory.mktemp("llama_small")
-    LlamaConfig(vocab_size=16000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=4, max_position_embeddings=512).save_pretrained(path)
+    path = tmp_path_factory.mktemp(name)
+    LlamaConfig(**sizes).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    return _llama(tmp_path_factory, "llama_small", vocab_size=16000, hidden_size=512, intermediate_size=1536,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_config(tmp_path_factory) -> Path:
+    """A small body under a 32k vocabulary: the LM head's share of the memory is large, as in real models."""
+    return _llama(tmp_path_factory, "llama_wide_vocab", vocab_size=32768, hidden_size=128, intermediate_size=384,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _planned_against_measured(config: Path, rows: int, seq: int, extra: list[str], **inputs) -> None:
+    """measure_peak.py's peak of real training steps against the planner's single-GPU total: within 25%."""
+    proc = subprocess.run([sys.executable, str(MEASURE), str(config), str(rows), str(seq), *extra],
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "",
+                               # glibc's dynamic mmap threshold otherwise keeps freed tensors in the heap, and the
+                               # resident peak then depends on allocation order (measured: 0.61 to 0.91 GB for one run)
+                               "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_start"]
+    lora = "--lora" in extra
+    shape = model_shape(str(config), lora_r=16 if lora else None, lora_targets="all-linear")
+    inp = PlanInputs(gpus=1, dtype_bytes=4, rows=rows, seq_len=seq, lora=lora, overhead_gb=0.0,
+                     gradient_checkpointing="--checkpointing" in extra, **inputs)
+    planned = estimate(shape, inp)[0].total
+    assert abs(planned - measured) / measured < 0.25, (planned / GB, measured / GB)
 
 
 def test_counts_are_exact(small_config):
@@ -45,30 +73,7 @@ def test_counts_are_exact(small_config):
 @pytest.mark.parametrize("rows,seq,extra", [(2, 64, []), (4, 256, []), (4, 256, ["--checkpointing"]),
                                             (4, 128, ["--lora", "16"]), (4, 256, ["--lora", "16"])])
 def test_estimate_within_25_percent_of_a_measured_cpu_peak(small_config, rows, seq, extra):
-    proc = subprocess.run([sys.executable, str(MEASURE), str(small_config), str(rows), str(seq), *extra],
-                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "",
-                               # glibc's dynamic mmap threshold otherwise keeps freed tensors in the heap, and the
-                               # resident peak then depends on allocation order (measured: 0.61 to 0.91 GB for one run)
-                               "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_start"]
-    lora = "--lora" in extra
-    shape = model_shape(str(small_config), lora_r=16 if lora else None, lora_targets="all-linear")
-    inp = PlanInputs(gpus=1, dtype_bytes=4, rows=rows, seq_len=seq, lora=lora, overhead_gb=0.0,
-                     gradient_checkpointing="--checkpointing" in extra)
-    planned = estimate(shape, inp)[0].total
-    assert abs(planned - measured) / measured < 0.25, (planned / GB, measured / GB)
-
-
-@pytest.fixture(scope="module")
-def wide_vocab_config(tmp_path_factory) -> Path:
-    """A small body under a 32k vocabulary: the LM head's share of the memory is large, as in real models."""
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("llama_wide_vocab")
-    LlamaConfig(vocab_size=32768, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024).save_pretrained(path)
-    return path
+    _planned_against_measured(small_config, rows, seq, extra)
 
 
 @pytest.mark.parametrize("config,rows,seq,prompt,extra", [
@@ -78,20 +83,8 @@ def wide_vocab_config(tmp_path_factory) -> Path:
 def test_fused_head_estimate_within_25_percent_of_a_measured_cpu_peak(request, config, rows, seq, prompt, extra):
     """TRL's fused LM head (what the GRPO, DPO and SFT trainers score tokens with), on the CPU's torch fallback:
     measured 0.97-1.13 of the estimate on five shapes, where the full-logits formula was off by up to 5x."""
-    path = request.getfixturevalue(config)
-    proc = subprocess.run([sys.executable, str(MEASURE), str(path), str(rows), str(seq), "--fused", str(prompt), *extra],
-                          capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536",
-                               "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_start"]
-    lora = "--lora" in extra
-    shape = model_shape(str(path), lora_r=16 if lora else None, lora_targets="all-linear")
-    inp = PlanInputs(gpus=1, dtype_bytes=4, rows=rows, seq_len=seq, lora=lora, overhead_gb=0.0,
-                     gradient_checkpointing="--checkpointing" in extra, lm_head="fused", device="cpu",
-                     scored_tokens=rows * (seq - prompt))
-    planned = estimate(shape, inp)[0].total
-    assert abs(planned - measured) / measured < 0.25, (planned / GB, measured / GB)
+    _planned_against_measured(request.getfixturevalue(config), rows, seq, ["--fused", str(prompt), *extra],
+                              lm_head="fused", device="cpu", scored_tokens=rows * (seq - prompt))
 
 
 def test_fused_head_on_a_gpu_keeps_one_tile_instead_of_the_logits():
