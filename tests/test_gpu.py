@@ -65,3 +65,10 @@ def test_each_trainer_trains_on_cuda(method, tmp_path):
     assert state["global_step"] == 2
     assert any("entropy/mean" in h for h in state["log_history"])
     assert 0 <= result.summary.get("accuracy_after", 0) <= 1
+    # perf/ on CUDA: the allocator's peaks, and MFU where the GPU's peak FLOP/s is known
+    from posttrain.trainers.perf import peak_flops
+
+    logged = [h for h in state["log_history"] if "perf/step_seconds" in h]
+    assert logged and all(0 < h["perf/peak_memory_gb"] <= h["perf/peak_reserved_gb"] for h in logged)
+    if peak_flops() is not None:
+        assert all(0 < h["perf/mfu"] < 1 for h in logged)
