@@ -223,12 +223,10 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:
 
 # --- from a recipe -------------------------------------------------------------------------------------------------
 
-FUSED_HEAD_KINDS = ("grpo", "dpo", "continual")  # their TRL trainers score tokens with the fused LM head
-
-
 def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhead_gb: float) -> PlanInputs:
     """Batch, sequence lengths, dtype, LoRA, optimizer and generation settings of a recipe, per method kind."""
     from posttrain.methods import get_method
+    from posttrain.pipelines import get_pipeline
 
     t = recipe.trainer
     kind = get_method(recipe.method).kind
@@ -259,7 +257,7 @@ def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhe
     return PlanInputs(gpus=gpus, gpu_memory_gb=gpu_memory_gb, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
                       lora=recipe.model.peft is not None, optimizer=optimizer, rows=rows, seq_len=seq,
                       scored_tokens=scored, gradient_checkpointing=bool(t.get("gradient_checkpointing", False)),
-                      lm_head="fused" if kind in FUSED_HEAD_KINDS else "logits",
+                      lm_head="fused" if get_pipeline(kind).fused_lm_head else "logits",
                       vllm_share=vllm_share, kv_rows=rows if kind == "grpo" and vllm_share is None else 0,
                       overhead_gb=overhead_gb)
 

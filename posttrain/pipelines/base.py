@@ -67,6 +67,8 @@ class Pipeline:
     - `sections`: the optional top-level sections it reads besides those (`rewards`, `rollout`); a recipe
       that sets any other one gets an error naming the section.
     - `owned_trainer_keys`: `trainer:` keys that another recipe section sets (key -> that section).
+    - `fused_lm_head`: its trainer scores tokens with TRL's fused LM head, which never builds the [tokens, vocabulary]
+      logits (`posttrain plan` then counts one tile of them, not all).
     """
 
     kind: ClassVar[str] = ""
@@ -74,6 +76,7 @@ class Pipeline:
     eval_spec: ClassVar[type] = EvalSpec
     sections: ClassVar[frozenset[str]] = frozenset()
     owned_trainer_keys: ClassVar[dict[str, str]] = COMMON_OWNED_KEYS
+    fused_lm_head: ClassVar[bool] = False
 
     def check(self, recipe: Recipe) -> list[str]:
         """Problems that span sections (each naming its key path), found when the recipe loads. Default: none."""

@@ -139,6 +139,7 @@ class ContinualPipeline(Pipeline):
     kind: ClassVar[str] = "continual"
     data_spec: ClassVar[type] = ContinualDataSpec
     eval_spec: ClassVar[type] = ContinualEvalSpec
+    fused_lm_head: ClassVar[bool] = True  # TRL's trainer scores tokens in tiles of the LM head
     sections: ClassVar[frozenset[str]] = frozenset()
     owned_trainer_keys: ClassVar[dict[str, str]] = COMMON_OWNED_KEYS
 

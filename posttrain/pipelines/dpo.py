@@ -69,6 +69,7 @@ class DPOPipeline(Pipeline):
     data_spec: ClassVar[type] = PreferenceData
     eval_spec: ClassVar[type] = EvalSpec
     sections: ClassVar[frozenset[str]] = frozenset()
+    fused_lm_head: ClassVar[bool] = True  # TRL's trainer scores tokens in tiles of the LM head
 
     def check(self, recipe: Recipe) -> list[str]:
         from posttrain.methods import get_method

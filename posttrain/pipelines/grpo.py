@@ -129,6 +129,7 @@ class GRPOPipeline(Pipeline):
     data_spec: ClassVar[type] = DataSpec
     sections: ClassVar[frozenset[str]] = frozenset({"rewards", "rollout"})
     owned_trainer_keys: ClassVar[dict[str, str]] = OWNED_TRAINER_KEYS
+    fused_lm_head: ClassVar[bool] = True  # TRL's trainer scores tokens in tiles of the LM head
 
     def check(self, recipe: Recipe) -> list[str]:
         """What TRL would refuse later (at trainer construction, or at the first loss), as recipe problems with
