@@ -13,7 +13,8 @@ What the base adds, each at the narrowest TRL hook and always through super():
   weight sync or an adapter that never reached the engine shows at the first step;
 - checkpointing of cross-step method state (`posttrain.trainers.state`).
 - without vLLM, training rollouts through the HF engine's continuous-batching decoder (`hf_continuous_batching`,
-  `_generate_single_turn`), where it reproduces TRL's effective generation config; TRL's `model.generate` otherwise.
+  `_generate_single_turn`), where it reproduces TRL's effective generation config and the parameters are whole
+  while it runs; TRL's `model.generate` otherwise (FSDP: it keeps the ranks' decoding steps in step).
 - on the CPU, the loss forward's fused LM head scores only the completion positions, as TRL does on CUDA
   (`compact_lm_head_on_cpu`).
 All statistics are computed over the global batch (every process), so they do not depend on world size.
@@ -81,7 +82,8 @@ class GRPOConfig(trl.GRPOConfig):
                        "(posttrain.rollout.hf; a finished row leaves the batch, a prompt's completions share one "
                        "prefill) instead of TRL's static model.generate. The sampling distribution is the same; "
                        "TRL's path is used for what the decoder does not cover (images, a repetition penalty, "
-                       "generation_kwargs beyond temperature/top-k/top-p/min-p, sliding-window caches)."),
+                       "generation_kwargs beyond temperature/top-k/top-p/min-p, sliding-window caches) and under "
+                       "FSDP or ZeRO-3 without ds3_gather_for_generation (the ranks must decode in step)."),
     )
 
 
@@ -195,7 +197,12 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
         if hasattr(self, "_continuous_sampling_params"):
             return self._continuous_sampling_params
         sampling, reason = None, "hf_continuous_batching is off"
-        if self.args.hf_continuous_batching:
+        sharded = self._sharded_during_generation()
+        if self.args.hf_continuous_batching and sharded:
+            reason = (f"the parameters stay sharded over ranks during generation ({sharded}): every decoding step "
+                      "gathers them in a collective, and ranks whose completions end after different numbers of "
+                      "steps would mismatch those collectives; TRL's generate keeps the ranks in step")
+        elif self.args.hf_continuous_batching:
             try:
                 sampling, reason = self._sampling_from_generation_config()
             except (AttributeError, TypeError, ValueError) as exc:  # private transformers API moved
@@ -204,6 +211,16 @@ class GRPOTrainer(MethodStateMixin, trl.GRPOTrainer):
             logger.info("training rollouts: TRL's model.generate (%s)", reason)
         self._continuous_sampling_params = sampling
         return sampling
+
+    def _sharded_during_generation(self) -> str | None:
+        """"fsdp" / "zero3" when the model's parameters are still sharded while it generates (FSDP; ZeRO-3 with
+        `ds3_gather_for_generation` off), else None: under ZeRO-3's default gather they are whole then."""
+        from posttrain.distributed import sharded_training
+
+        sharding = sharded_training(self.accelerator)
+        if sharding == "zero3" and self.args.ds3_gather_for_generation:
+            return None
+        return sharding if self.accelerator.num_processes > 1 else None
 
     def _sampling_from_generation_config(self) -> tuple[Any, str]:
         from transformers import ProcessorMixin

@@ -2,12 +2,19 @@
 DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
 float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
-Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM (one generation per micro-batch), trained one after the other
-in the same process group (one launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
+Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate] (one generation per micro-batch), trained one after
+the other in the same process group (one launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
 
     torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
+
+`generate` samples the completions with the trainer's own generation instead, from a model whose end-of-sequence
+logit is raised (completions of 1-16 tokens, so ranks finish decoding after different numbers of steps); each rank
+writes its completions' lengths per generation call to OUT_DIR/NAME/lengths_rank<r>.json. The trained weights are
+saved whole (all-gathered when the launch shards them, e.g. under tests/distributed/fsdp_cpu.py); each rank writes
+whether they were sharded and how many elements it held to OUT_DIR/NAME/dist_rank<r>.json.
 """
 
+import json
 import re
 import sys
 from collections import defaultdict
@@ -16,6 +23,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from posttrain.distributed import full_state_dict, needs_gather
 from posttrain.models import load_model, load_tokenizer
 from posttrain.trainers import grpo
 
@@ -64,7 +72,34 @@ def make_rollout(tokenizer):
     return rollout
 
 
-def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int) -> None:
+EOS_BIAS = 7.0  # added to the end-of-sequence logit of the `generate` model: most completions end within 4 tokens
+
+
+def eos_biased(model, eos: int):
+    def raise_eos(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] += EOS_BIAS
+        return logits
+
+    model.lm_head.register_forward_hook(raise_eos)
+    return model
+
+
+def record_lengths(trainer, path: str) -> None:
+    """Wrap the trainer's generation: each call appends this rank's completion lengths to `path`."""
+    calls, generate = [], trainer._generate_single_turn
+
+    def recorded(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        calls.append([len(ids) for ids in out[0]])
+        with open(path, "w") as f:
+            json.dump(calls, f)
+        return out
+
+    trainer._generate_single_turn = recorded
+
+
+def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, generate: bool = False) -> None:
     trainer_cls, config_cls, fields = METHODS[method]
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
             for a in range(6) for b in range(6)]
@@ -75,21 +110,33 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int) -
                         learning_rate=1.0 if not lora else 5.0, optim="sgd", disable_tqdm=True, **fields)
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0) if lora else None
     torch.manual_seed(0)  # the same LoRA initialisation in every process and launch
-    trainer = trainer_cls(model=load_model("tiny-qwen2"), reward_funcs=[reward], args=config,
+    model = load_model("tiny-qwen2")
+    if generate:
+        model = eos_biased(model, tokenizer.eos_token_id)
+    trainer = trainer_cls(model=model, reward_funcs=[reward], args=config,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          rollout_func=make_rollout(tokenizer), peft_config=peft_config)
+                          rollout_func=None if generate else make_rollout(tokenizer), peft_config=peft_config)
+    if generate:
+        record_lengths(trainer, f"{out}/lengths_rank{trainer.accelerator.process_index}.json")
     trainer.train()
     trainer.save_state()
+    with open(f"{out}/dist_rank{trainer.accelerator.process_index}.json", "w") as f:
+        json.dump({"distributed_type": str(trainer.accelerator.distributed_type), "sharded": needs_gather(trainer.model),
+                   "parameters": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                     for p in trainer.model.parameters())}, f)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with full_state_dict(trainer.model, select=lambda m: dict(m.named_parameters())) as params:
+        weights = {n: p.detach().cpu().clone() for n, p in params.items() if n in trained}
     if trainer.accelerator.is_main_process:
-        weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
         torch.save(weights, f"{out}/weights.pt")
     trainer.accelerator.wait_for_everyone()
 
 
 def main(out: str, specs: list[str]) -> None:
     for spec in specs:
-        name, method, lora, per_device, grad_accum = spec.split(":")
-        train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum))
+        name, method, lora, per_device, grad_accum, *option = spec.split(":")
+        assert option in ([], ["generate"]), spec
+        train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum), generate=option == ["generate"])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 only where it reproduces TRL's effective generation config, and returns what TRL's path returns."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,3 +97,28 @@ def test_unsupported_configs_keep_trls_generate(tmp_path, caplog, kw, reason):
     trainer.args.hf_continuous_batching = kw.get("hf_continuous_batching", True)
     completions, logprobs = trainer._generate_single_turn(ids, None, {}, 2)
     assert len(completions) == 2 and logprobs is None
+
+
+def _accelerator(fsdp: bool = False, zero_stage: int | None = None, processes: int = 2):
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    return SimpleNamespace(is_fsdp2=fsdp, num_processes=processes,
+                           state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("accelerator, gather, continuous", [
+    (_accelerator(fsdp=True), True, False),
+    (_accelerator(zero_stage=3), False, False),
+    (_accelerator(zero_stage=3), True, True),  # ZeRO-3 gathers the whole model for generation by default
+    (_accelerator(zero_stage=2), False, True),
+    (_accelerator(fsdp=True, processes=1), True, True),
+], ids=["fsdp", "zero3_sharded", "zero3_gathered", "zero2", "fsdp_one_process"])
+def test_parameters_sharded_while_generating_keep_trls_generate(tmp_path, caplog, accelerator, gather, continuous):
+    """Sharded parameters are all-gathered in every decoding step, a collective: the decoder, whose ranks stop after
+    different numbers of steps, would mismatch them (tests/trainers/test_grpo_methods_multiproc.py runs FSDP2)."""
+    trainer = make(tmp_path, ds3_gather_for_generation=gather)
+    trainer.accelerator = SimpleNamespace(**vars(accelerator), unwrap_model=trainer.accelerator.unwrap_model)
+    with caplog.at_level(logging.INFO, logger="posttrain.trainers.grpo"):
+        sampling = trainer._continuous_sampling()
+    assert (sampling is not None) == continuous
+    if not continuous:
+        assert "sharded over ranks during generation" in caplog.text

@@ -3,7 +3,11 @@ exactly like one process on the same global batch: BNPO's Beta fit, DCPO's fract
 QAE's group quantile, EPO's entropy history and STEER's global max |Omega| are batch-wide, so two processes with 8
 completions each match one process with 16. STEER's default max |Omega| and Clip-Cov's covariance are per
 micro-batch (as in their reference code): two processes with 8 each match one process with micro-batches of 8 and
-gradient accumulation 2."""
+gradient accumulation 2.
+
+The same two-process runs under accelerate's FSDP2 (launch/accelerate/fsdp2.yaml, parameters sharded over the two
+ranks; tests/distributed/fsdp_cpu.py lets accelerate run it on CPU) match one process too; and under FSDP2 the
+trainers' own generation (ranks whose completions end after different numbers of decoding steps) trains through."""
 
 import json
 import os
@@ -17,6 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("grpo_methods_worker.py")
+FSDP_CPU = REPO / "tests" / "distributed" / "fsdp_cpu.py"
+FSDP2_CONFIG = REPO / "launch" / "accelerate" / "fsdp2.yaml"
 # every method's own logged statistics, compared besides the common ones and the trained weights
 METHODS = {"grpo": [], "steer": ["steer/weight_mean", "steer/weight_min"], "steer_global": ["steer/weight_min"],
            "epo": ["epo/beta", "epo/corridor_fraction", "epo/entropy_traj", "epo/h_bar", "epo/smooth_penalty"],
@@ -30,18 +36,25 @@ COMMON = ["loss", "grad_norm", "reward", "reward_std", "entropy", "entropy/mean"
 PER_MICRO_BATCH = {"steer", "clip_cov"}  # with loss_type grpo (see the worker)
 
 
-def _launch(out: Path, nproc: int, specs: list[str], port: int) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found"
+def _launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER), str(out), *specs]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if fsdp2:  # the shipped config, at 2 processes and fp32 on CPU
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+        assert accelerate, "accelerate not found"
+        cmd = [accelerate, "launch", "--config_file", str(FSDP2_CONFIG), "--num_processes", str(nproc),
+               "--mixed_precision", "no", "--main_process_port", str(port), str(FSDP_CPU), str(WORKER)]
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+        assert torchrun, "torchrun not found"
+        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER)]
+    proc = subprocess.run([*cmd, str(out), *specs], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch of one process and one of two, each training all 16 (method, LoRA) cases in turn."""
+    """One launch of one process, one of two (DDP) and one of two under FSDP2, each training all 16 (method, LoRA)
+    cases in turn; the FSDP2 launch also trains GRPO on its own generations."""
     root = tmp_path_factory.mktemp("grpo_methods")
     one, two = [], []
     for method in METHODS:
@@ -51,6 +64,7 @@ def runs(tmp_path_factory):
             two.append(f"{name}:{method}:{lora}:8:1")
     _launch(root / "one", 1, one, 29531)
     _launch(root / "two", 2, two, 29532)
+    _launch(root / "fsdp2", 2, [*two, "generated:grpo:0:8:1:generate"], 29533, fsdp2=True)
     return root
 
 
@@ -59,12 +73,24 @@ def _read(folder: Path) -> tuple[list[dict], dict]:
     return [h for h in history if "loss" in h], torch.load(folder / "weights.pt")
 
 
+def _dist(folder: Path) -> list[dict]:
+    return [json.loads((folder / f"dist_rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.mark.multiproc
+@pytest.mark.parametrize("launch", ["two", "fsdp2"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_equal_one(runs, method, lora):
+def test_two_processes_equal_one(runs, method, lora, launch):
     name = f"{method}_{'lora' if lora else 'full'}"
-    (one, w_one), (two, w_two) = _read(runs / "one" / name), _read(runs / "two" / name)
+    (one, w_one), (two, w_two) = _read(runs / "one" / name), _read(runs / launch / name)
+    ranks = _dist(runs / launch / name)
+    if launch == "fsdp2":  # each rank held half the (padded) parameters, as DTensor shards
+        whole = json.loads((runs / "one" / name / "dist_rank0.json").read_text())["parameters"]
+        assert all(r["distributed_type"] == "DistributedType.FSDP" and r["sharded"] for r in ranks), ranks
+        assert all(r["parameters"] < 0.6 * whole for r in ranks), (whole, ranks)
+    else:
+        assert not any(r["sharded"] for r in ranks), ranks
     assert len(one) == len(two) == 2
     keys = COMMON + METHODS[method]
     for step, (a, b) in enumerate(zip(one, two)):
@@ -86,3 +112,18 @@ def test_two_processes_equal_one(runs, method, lora):
         assert torch.allclose(w_one[n], w_two[n], atol=1e-6), (n, (w_one[n] - w_two[n]).abs().max().item())
     if lora:  # it trained: lora_B is zero at initialisation
         assert max(w_one[n].abs().max().item() for n in w_one if "lora_B" in n) > 0
+
+
+@pytest.mark.multiproc
+def test_fsdp2_trains_on_its_own_generations(runs):
+    """Under FSDP2 every decoding step all-gathers the parameter shards: the two ranks' completions end after
+    different numbers of steps here, and training goes through (TRL's generate keeps the ranks in step; the
+    continuous-batching decoder, which would not, is not used then)."""
+    folder = runs / "fsdp2" / "generated"
+    history, weights = _read(folder)
+    assert len(history) == 2 and all(r["sharded"] for r in _dist(folder))
+    calls = [json.loads((folder / f"lengths_rank{r}.json").read_text()) for r in range(2)]
+    assert len(calls[0]) == len(calls[1]) == 2
+    assert any(max(a) != max(b) for a, b in zip(*calls)), calls  # the ranks decoded different numbers of steps
+    assert all(h["num_tokens"] > 0 and h["grad_norm"] > 0 for h in history[:1])
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
