@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
-__all__ = ["ShardedTrainingError", "colocated_vllm_setup", "full_state_dict", "main_process_only", "needs_gather",
-           "rank_info", "sharded_training", "sharding_from_recipe", "wait_for_main"]
+__all__ = ["ShardedTrainingError", "colocated_vllm_setup", "describe_launch", "full_state_dict", "launch_summary",
+           "main_process_only", "needs_gather", "rank_info", "sharded_training", "sharding_from_recipe",
+           "wait_for_main"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,6 +81,26 @@ def sharded_training(accelerator: Any) -> str | None:
     if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
         return "zero3"
     return None
+
+
+def launch_summary(accelerator: Any) -> dict[str, Any]:
+    """How a run was launched, for its summary and report: the number of processes, accelerate's distributed type,
+    the parameters' sharding ("fsdp" / "zero3" / None) and the device type."""
+    kind = accelerator.distributed_type
+    return {"processes": int(accelerator.num_processes), "distributed_type": getattr(kind, "value", str(kind)),
+            "sharding": sharded_training(accelerator), "device": accelerator.device.type}
+
+
+def describe_launch(launch: Mapping[str, Any]) -> str:
+    """One line for a run report: 'Launch: 2 processes (FSDP, parameters sharded) on cuda; the memory figures are
+    the main process's.'"""
+    n = launch["processes"]
+    how = [launch["distributed_type"]] if n > 1 else []
+    if launch.get("sharding"):
+        how.append("parameters sharded")
+    line = f"Launch: {n} process{'es' if n > 1 else ''}" + (f" ({', '.join(how)})" if how else "")
+    line += f" on {launch['device']}"
+    return line + ("; the memory figures are the main process's." if n > 1 else ".")
 
 
 def _is_zero3_param(p: Any) -> bool:

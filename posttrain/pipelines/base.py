@@ -192,8 +192,10 @@ def to_accelerator(model: Any) -> Any:
 
 def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_dir: Path | None = None) -> None:
     """`trainer.train()` (resuming as asked), then the final model (or adapter) and trainer state in `save_dir`
-    (default: output_dir); records train_minutes, steps and the run's speed and memory (`perf`) in `summary`."""
+    (default: output_dir); records train_minutes, steps, the run's speed and memory (`perf`) and how it was launched
+    (`launch`: processes, distributed type, sharding, device) in `summary`."""
     from posttrain.checkpoints import RecipeCheckpointCallback
+    from posttrain.distributed import launch_summary
     from posttrain.trainers.perf import attach_perf, perf_summary
 
     trainer.add_callback(RecipeCheckpointCallback(ctx.recipe))
@@ -204,6 +206,7 @@ def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_
     summary["steps"] = trainer.state.global_step
     if perf := perf_summary(trainer.state.log_history):
         summary["perf"] = perf
+    summary["launch"] = launch_summary(trainer.accelerator)
     trainer.save_model(str(save_dir or ctx.output_dir))
     trainer.save_state()
 
@@ -257,6 +260,10 @@ def _report_markdown(summary: dict[str, Any], plot: Path | None, extra: list[str
         from posttrain.trainers.perf import describe_perf
 
         lines.append(describe_perf(perf))
+    if launch := summary.get("launch"):
+        from posttrain.distributed import describe_launch
+
+        lines.append(describe_launch(launch))
     if "entropy_min" in summary:
         lines.append(f"Lowest token entropy during training: {summary['entropy_min']:.3f}.")
     if summary.get("entropy_collapse"):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from posttrain.distributed import sharding_from_recipe
 from posttrain.pipelines.base import (
     COMMON_OWNED_KEYS,
     Pipeline,
@@ -166,15 +167,21 @@ class ContinualPipeline(Pipeline):
         if recipe.method == "sft" and stages > 1:
             problems.append("data.schedule: method 'sft' trains one stage; set data.schedule: joint (all tasks at "
                             "once) or use method: continual for a sequence")
+        if sharding := sharding_from_recipe(t):
+            source = "trainer.fsdp" if t.get("fsdp") else "trainer.deepspeed" if t.get("deepspeed") else \
+                "the accelerate launch config"
+            problems.append(f"{source}: {sharding} shards the parameters over ranks, but the continual runner "
+                            "evaluates every task after each stage and saves each stage's weights on the main "
+                            "process, which needs the whole model there (a sharded one would hang or save shards); "
+                            "launch with DDP (launch/accelerate/multi_gpu.yaml)")
+        elif recipe.method != "sft" and t.get("ema", "dynamic") != "none" and t.get("deepspeed"):
+            problems.append("trainer.deepspeed: the EMA hook needs each tensor's full gradient at every optimizer "
+                            "step, which DeepSpeed ZeRO partitions; use DDP or trainer.ema: none")
         if recipe.method != "sft":
             ema = t.get("ema", "dynamic")
             if recipe.model.peft is None and t.get("expand_threshold", 0.9) is not None:
                 problems.append("trainer.expand_threshold: adapter groups need LoRA (model.peft); set "
                                 "trainer.expand_threshold: null for full fine-tuning")
-            if ema != "none" and (t.get("deepspeed") or t.get("fsdp")):
-                key = "deepspeed" if t.get("deepspeed") else "fsdp"
-                problems.append(f"trainer.{key}: the EMA hook needs each tensor's full gradient at every optimizer "
-                                "step, which DeepSpeed ZeRO and FSDP shard; use DDP or trainer.ema: none")
             if t.get("ema_output", "replace") == "slow" and ema == "none":
                 problems.append("trainer.ema_output: 'slow' outputs the EMA; set trainer.ema to fixed or dynamic")
             if t.get("consistency_weight", 0) and (not t.get("replay_size") or ema == "none"):
@@ -432,6 +439,7 @@ class _Run:
         print(f"[posttrain] stage {i + 1}/{len(p.stages)}: {stage.name}"
               + (f" (adapter {record['group']}{', new' if record['created'] else ''})" if "group" in record else "")
               + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
+        from posttrain.distributed import launch_summary
         from posttrain.trainers.perf import attach_perf, perf_summary
 
         attach_perf(trainer)
@@ -440,6 +448,7 @@ class _Run:
         record.update(train_seconds=time.perf_counter() - t0, steps=trainer.state.global_step)
         if perf := perf_summary(trainer.state.log_history):
             record["perf"] = perf
+        record["launch"] = launch_summary(trainer.accelerator)
         trainer.save_state()
         forward.restore()
         if ctx.is_main:
@@ -566,7 +575,8 @@ class _Run:
                 "wc_acc_final": (stability["wc_acc"] or [None])[-1],
                 "groups": len(self.groups) if self.groups is not None else None,
                 "steps": sum(s["steps"] for s in progress.stages),
-                "train_minutes": sum(s["train_seconds"] for s in progress.stages) / 60, "_continual": result}
+                "train_minutes": sum(s["train_seconds"] for s in progress.stages) / 60,
+                "launch": progress.stages[-1].get("launch") if progress.stages else None, "_continual": result}
 
 
 # --- helpers ---

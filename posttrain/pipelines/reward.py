@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain.data.preferences import PreferenceSource
+from posttrain.distributed import sharding_from_recipe
 from posttrain.pipelines.base import (
     COMMON_OWNED_KEYS,
     Pipeline,
@@ -136,6 +137,11 @@ class RewardPipeline(Pipeline):
         if form != "lora" and recipe.model.peft is not None:
             problems.append(f"model.peft: set, but trainer.form is {form!r}; set trainer.form: lora or "
                             "model.peft: null")
+        if form == "heads" and (sharding := sharding_from_recipe(recipe.trainer)):
+            problems.append(f"trainer.form: 'heads' trains small scoring heads on features of the frozen base, "
+                            f"computed once outside the trainer: there is nothing for {sharding} to shard (a head "
+                            "has no transformer layers to wrap). Launch with launch/accelerate/multi_gpu.yaml (DDP), "
+                            "or use form 'lora' or 'full' under sharding")
         seeds, k = recipe.trainer.get("member_seeds"), recipe.trainer.get("num_members", 5)
         if seeds is not None and (len(seeds) != k or len(set(seeds)) != len(seeds)):
             problems.append(f"trainer.member_seeds: needs {k} distinct seeds (trainer.num_members), got {seeds}")
@@ -186,6 +192,9 @@ class RewardPipeline(Pipeline):
                                    "k": len(p.members), "seeds": [m.seed for m in p.members], **p.data_summary}
         history: list[dict[str, Any]] = []
         base, pristine = ctx.model, True
+        # a full member's training changes the base's weights; FSDP and ZeRO-3 shard the base of a LoRA member in
+        # place: the next member then starts from a freshly loaded base
+        reload = form == "full" or (form == "lora" and sharding_from_recipe(recipe.trainer) is not None)
         cache = self._feature_cache(ctx, p, summary) if p.config.uses_feature_cache else None
         for member in p.members:
             done = member.folder / MEMBER_FILE
@@ -194,9 +203,9 @@ class RewardPipeline(Pipeline):
                 if ctx.is_main:
                     print(f"[posttrain] member {member.index} already trained ({done}), skipped", flush=True)
                 continue
-            if form == "full" and not pristine:
-                base = self.load(ctx)[0]  # every full member starts from the pretrained weights
-            pristine = form != "full"
+            if reload and not pristine:
+                base = self.load(ctx)[0]  # every member starts from the pretrained weights
+            pristine = not reload
             if cache is not None:  # heads on the frozen base's features, computed once for every member
                 model, data = FeatureHeadModel.on(cache[0], base.config), cache[1:]
             else:
@@ -204,9 +213,10 @@ class RewardPipeline(Pipeline):
             record, log, trained = self._train_member(ctx, p, member, model, data)
             summary.setdefault("members", []).append(record)
             history += [{**h, "member": member.index} for h in log]
-            if form == "lora":
+            if form == "lora" and not reload:
                 base = trained.unload()  # the shared base again, this member's adapter removed
         summary["steps"] = summary["members"][-1]["steps"]
+        summary["launch"] = summary["members"][-1].get("launch")  # a member trained before this run may have none
         summary["train_minutes"] = sum(m["train_minutes"] for m in summary["members"]) + summary.get(
             "feature_minutes", 0.0)
         summary["peak_rss_gb"] = _peak_rss_gb()

@@ -14,6 +14,8 @@ from posttrain.distributed import (
     SEED_STRIDE,
     ShardedTrainingError,
     colocated_vllm_setup,
+    describe_launch,
+    launch_summary,
     sharded_training,
     sharding_from_recipe,
 )
@@ -102,6 +104,22 @@ def test_sharded_accelerators(no_launcher_env):
     zero2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
     zero3 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     assert sharded_training(zero2) is None and sharded_training(zero3) == "zero3"
+
+
+def test_launch_summary_and_its_report_line():
+    from accelerate.utils import DistributedType
+
+    one = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO, device=torch.device("cpu"),
+                          state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
+    assert launch_summary(one) == {"processes": 1, "distributed_type": "NO", "sharding": None, "device": "cpu"}
+    assert describe_launch(launch_summary(one)) == "Launch: 1 process on cpu."
+    fsdp = SimpleNamespace(num_processes=8, distributed_type=DistributedType.FSDP, device=torch.device("cuda", 3),
+                           is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=object(), deepspeed_plugin=None))
+    assert launch_summary(fsdp) == {"processes": 8, "distributed_type": "FSDP", "sharding": "fsdp", "device": "cuda"}
+    assert describe_launch(launch_summary(fsdp)) == ("Launch: 8 processes (FSDP, parameters sharded) on cuda; the "
+                                                     "memory figures are the main process's.")
+    ddp = {"processes": 2, "distributed_type": "MULTI_CPU", "sharding": None, "device": "cpu"}
+    assert describe_launch(ddp) == "Launch: 2 processes (MULTI_CPU) on cpu; the memory figures are the main process's."
 
 
 def test_eval_callback_refuses_a_sharded_trainer(tmp_path):

@@ -185,6 +185,9 @@ def test_bad_task_data_is_named_with_file_and_row(tmp_path, no_model_load):
     (["method=sft"], "data.schedule: method 'sft' trains one stage"),
     (["model.peft=null"], "trainer.expand_threshold: adapter groups need LoRA"),
     (["trainer.deepspeed=ds.json"], "trainer.deepspeed: the EMA hook needs each tensor's full gradient"),
+    (["trainer.fsdp=full_shard", "trainer.ema=none"], "trainer.fsdp: fsdp shards the parameters over ranks, but the "
+                                                      "continual runner evaluates every task after each stage"),
+    (["trainer.deepspeed={zero_optimization: {stage: 3}}", "trainer.ema=none"], "trainer.deepspeed: zero3 shards"),
     (["trainer.ema=none", "trainer.ema_output=slow"], "trainer.ema_output: 'slow' outputs the EMA"),
     (["trainer.consistency_weight=1.0"], "trainer.consistency_weight: needs a replay buffer"),
     (["trainer.ema=sometimes"], r"trainer.ema: expected one of 'dynamic', 'fixed', 'none'"),
@@ -195,6 +198,16 @@ def test_bad_task_data_is_named_with_file_and_row(tmp_path, no_model_load):
 def test_recipe_problems_name_their_key(tmp_path, overrides, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(RECIPES / "tiny.yaml", [f"output_dir={tmp_path}", "data.path=x", *overrides])
+
+
+def test_a_sharded_accelerate_launch_is_refused_when_the_recipe_loads(tmp_path, monkeypatch):
+    """`accelerate launch --config_file launch/accelerate/fsdp2.yaml` shards through the environment, not the recipe;
+    one-stage SFT evaluates and saves on the main process too."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for recipe in ("tiny.yaml", "multitask.yaml"):
+        with pytest.raises(RecipeError, match="the accelerate launch config: fsdp shards the parameters"):
+            load_recipe(RECIPES / recipe, [f"output_dir={tmp_path}", "data.path=x", "trainer.ema=none"]
+                        if recipe == "tiny.yaml" else [f"output_dir={tmp_path}", "data.path=x"])
 
 
 def test_sft_is_the_one_stage_case(tmp_path):

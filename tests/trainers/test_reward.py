@@ -381,6 +381,9 @@ def test_recipe_checks_name_the_key_before_any_model_loads(tmp_path, monkeypatch
         ({"rewards": ["accuracy"]}, "rewards: method 'reward_ensemble' (kind 'reward') does not read a rewards section"),
         ({"trainer": {"form": "twin"}}, "trainer.form: expected one of 'full', 'lora', 'heads'"),
         ({"data": {"train": "p.jsonl", "label_noise": 0.7}}, "data.label_noise: must be <= 0.5"),
+        ({"trainer": {"form": "heads", "fsdp": "full_shard"}}, "trainer.form: 'heads' trains small scoring heads"),
+        ({"trainer": {"form": "heads", "deepspeed": {"zero_optimization": {"stage": 3}}}},
+         "there is nothing for zero3 to shard"),
     ]
     for change, message in cases:
         with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
