@@ -4,22 +4,20 @@ client's weight sync from the main process only, to every server."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.launchers import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 
 
 def _run(scenario: str, out: Path, port: int) -> list[dict]:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(WORKER), scenario, str(out)]
+    cmd = [*torchrun(2, port), str(WORKER), scenario, str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -2,19 +2,23 @@
 DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
 float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
-Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate] (one generation per micro-batch), trained one after
-the other in the same process group (one launch for all of them: startup is most of a tiny run) into OUT_DIR/NAME:
+Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate|:server] (one generation per micro-batch), trained one
+after the other in the same process group (one launch for all of them: startup is most of a tiny run) into
+OUT_DIR/NAME:
 
     torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
 
 `generate` samples the completions with the trainer's own generation instead, from a model whose end-of-sequence
 logit is raised (completions of 1-16 tokens, so ranks finish decoding after different numbers of steps); each rank
 writes its completions' lengths per generation call to OUT_DIR/NAME/lengths_rank<r>.json. The trained weights are
+`server` generates through the vLLM server at $POSTTRAIN_TEST_VLLM_URL (posttrain's VLLMServerEngine, which syncs the
+trained weights to it before each generation). The trained weights are
 saved whole (all-gathered when the launch shards them, e.g. under tests/distributed/fsdp_cpu.py); each rank writes
 whether they were sharded and how many elements it held to OUT_DIR/NAME/dist_rank<r>.json.
 """
 
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -52,6 +56,13 @@ def reward(prompts, completions, **kwargs):
 
 
 reward.__name__ = "accuracy"
+
+
+def parity(prompts, completions, **kwargs):
+    """1 for an even number of characters: varies within nearly every group of sampled completions, so that every
+    step of the `server` runs moves the weights the next sync must carry."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(len(t) % 2 == 0) for t in texts]
 
 
 def make_rollout(tokenizer):
@@ -99,24 +110,30 @@ def record_lengths(trainer, path: str) -> None:
     trainer._generate_single_turn = recorded
 
 
-def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, generate: bool = False) -> None:
+def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, option: str | None = None) -> None:
     trainer_cls, config_cls, fields = METHODS[method]
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
             for a in range(6) for b in range(6)]
     tokenizer = load_tokenizer("tiny-qwen2")
-    config = config_cls(output_dir=out, max_steps=2, per_device_train_batch_size=per_device, num_generations=8,
-                        gradient_accumulation_steps=grad_accum, steps_per_generation=1, max_completion_length=16,
+    config = config_cls(output_dir=out, max_steps=4 if option == "server" else 2, num_generations=8,
+                        per_device_train_batch_size=per_device, gradient_accumulation_steps=grad_accum,
+                        steps_per_generation=1, max_completion_length=16,
                         logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
                         learning_rate=1.0 if not lora else 5.0, optim="sgd", disable_tqdm=True, **fields)
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0) if lora else None
     torch.manual_seed(0)  # the same LoRA initialisation in every process and launch
     model = load_model("tiny-qwen2")
-    if generate:
+    if option == "generate":
         model = eos_biased(model, tokenizer.eos_token_id)
-    trainer = trainer_cls(model=model, reward_funcs=[reward], args=config,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          rollout_func=None if generate else make_rollout(tokenizer), peft_config=peft_config)
-    if generate:
+    rollout = {"rollout_func": make_rollout(tokenizer)} if option is None else {}
+    if option == "server":
+        from posttrain.rollout.vllm import VLLMServerEngine
+
+        rollout = {"rollout_engine": VLLMServerEngine(os.environ["POSTTRAIN_TEST_VLLM_URL"], tokenizer)}
+    trainer = trainer_cls(model=model, reward_funcs=[parity if option == "server" else reward], args=config,
+                          train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config, **rollout)
+    if option == "generate":
         record_lengths(trainer, f"{out}/lengths_rank{trainer.accelerator.process_index}.json")
     trainer.train()
     trainer.save_state()
@@ -134,9 +151,9 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, g
 
 def main(out: str, specs: list[str]) -> None:
     for spec in specs:
-        name, method, lora, per_device, grad_accum, *option = spec.split(":")
-        assert option in ([], ["generate"]), spec
-        train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum), generate=option == ["generate"])
+        name, method, lora, per_device, grad_accum, *option = spec.split(":", 5)
+        assert option in ([], ["generate"], ["server"]), spec
+        train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum), *option)
 
 
 if __name__ == "__main__":

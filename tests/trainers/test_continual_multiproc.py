@@ -4,7 +4,6 @@ batch: 2 ranks x 2 rows equal 1 process x 2 rows x 2 accumulation steps, EMA and
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launchers import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,8 +24,6 @@ def _adapters(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multiproc
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, shared_data):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["train", "recipes/continual/tiny.yaml", f"data.path={shared_data / 'continual'}",
               "data.tasks=[sst2,agnews]", "data.train_limit=16", "data.test_limit=2", "trainer.max_steps=3",
@@ -33,7 +32,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, shar
     one, two = tmp_path / "one", tmp_path / "two"
     runs = [
         [sys.executable, "-m", "posttrain", *common, "trainer.gradient_accumulation_steps=2", f"output_dir={one}"],
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "posttrain", *common,
+        [*torchrun(2, 29531), "-m", "posttrain", *common,
          "trainer.gradient_accumulation_steps=1", f"output_dir={two}"],
     ]
     for cmd in runs:

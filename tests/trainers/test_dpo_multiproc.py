@@ -7,14 +7,14 @@ accelerate run it on CPU), the adapter saved whole."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed import launchers
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["loss", "dpo_shift/f", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -29,21 +29,9 @@ def _pairs(path: Path) -> Path:
     return path
 
 
-def _launcher(nproc: int, port: int, fsdp2: bool) -> list[str]:
-    """torchrun, or accelerate launch with the shipped FSDP2 config (2 processes, fp32) through fsdp_cpu.py."""
-    name = "accelerate" if fsdp2 else "torchrun"
-    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    assert exe, f"{name} not found"
-    if fsdp2:
-        return [exe, "launch", "--config_file", str(REPO / "launch/accelerate/fsdp2.yaml"), "--num_processes",
-                str(nproc), "--mixed_precision", "no", "--main_process_port", str(port),
-                str(REPO / "tests/distributed/fsdp_cpu.py")]
-    return [exe, "--nproc_per_node", str(nproc), "--master_port", str(port)]
-
-
 def _run(recipe: str, nproc: int, out: Path, pairs: Path, port: int, fsdp2: bool = False) -> tuple[list[dict], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*_launcher(nproc, port, fsdp2), "-m", "posttrain", "train",
+    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), "-m", "posttrain", "train",
            recipe, "model.name_or_path=tiny-qwen2", f"data.train={pairs}",
            "data.eval=null", "data.task=null", "eval.before=false", "eval.after=false", "trainer.max_steps=3",
            f"trainer.per_device_train_batch_size={8 // nproc}", "trainer.optim=sgd", "trainer.learning_rate=0.5",

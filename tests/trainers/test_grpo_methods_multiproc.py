@@ -11,18 +11,16 @@ trainers' own generation (ranks whose completions end after different numbers of
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed import launchers
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("grpo_methods_worker.py")
-FSDP_CPU = REPO / "tests" / "distributed" / "fsdp_cpu.py"
-FSDP2_CONFIG = REPO / "launch" / "accelerate" / "fsdp2.yaml"
 # every method's own logged statistics, compared besides the common ones and the trained weights
 METHODS = {"grpo": [], "steer": ["steer/weight_mean", "steer/weight_min"], "steer_global": ["steer/weight_min"],
            "epo": ["epo/beta", "epo/corridor_fraction", "epo/entropy_traj", "epo/h_bar", "epo/smooth_penalty"],
@@ -36,18 +34,11 @@ COMMON = ["loss", "grad_norm", "reward", "reward_std", "entropy", "entropy/mean"
 PER_MICRO_BATCH = {"steer", "clip_cov"}  # with loss_type grpo (see the worker)
 
 
-def _launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    if fsdp2:  # the shipped config, at 2 processes and fp32 on CPU
-        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-        assert accelerate, "accelerate not found"
-        cmd = [accelerate, "launch", "--config_file", str(FSDP2_CONFIG), "--num_processes", str(nproc),
-               "--mixed_precision", "no", "--main_process_port", str(port), str(FSDP_CPU), str(WORKER)]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-        assert torchrun, "torchrun not found"
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER)]
-    proc = subprocess.run([*cmd, str(out), *specs], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, **env: str) -> None:
+    """The worker's SPECs in one launch: torchrun, or the shipped FSDP2 config (tests/distributed/launchers.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **env}
+    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), str(WORKER), str(out), *specs]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -62,30 +53,31 @@ def runs(tmp_path_factory):
             name = f"{method}_{'lora' if lora else 'full'}"
             one.append(f"{name}:{method}:{lora}:" + ("8:2" if method in PER_MICRO_BATCH else "16:1"))
             two.append(f"{name}:{method}:{lora}:8:1")
-    _launch(root / "one", 1, one, 29531)
-    _launch(root / "two", 2, two, 29532)
-    _launch(root / "fsdp2", 2, [*two, "generated:grpo:0:8:1:generate"], 29533, fsdp2=True)
+    launch(root / "one", 1, one, 29531)
+    launch(root / "two", 2, two, 29532)
+    launch(root / "fsdp2", 2, [*two, "generated:grpo:0:8:1:generate"], 29533, fsdp2=True)
     return root
 
 
-def _read(folder: Path) -> tuple[list[dict], dict]:
+def read(folder: Path) -> tuple[list[dict], dict]:
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
     return [h for h in history if "loss" in h], torch.load(folder / "weights.pt")
 
 
-def _dist(folder: Path) -> list[dict]:
+def rank_files(folder: Path) -> list[dict]:
+    """What each rank wrote of its launch (dist_rank<r>.json)."""
     return [json.loads((folder / f"dist_rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("launch", ["two", "fsdp2"])
+@pytest.mark.parametrize("launched", ["two", "fsdp2"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_equal_one(runs, method, lora, launch):
+def test_two_processes_equal_one(runs, method, lora, launched):
     name = f"{method}_{'lora' if lora else 'full'}"
-    (one, w_one), (two, w_two) = _read(runs / "one" / name), _read(runs / launch / name)
-    ranks = _dist(runs / launch / name)
-    if launch == "fsdp2":  # each rank held half the (padded) parameters, as DTensor shards
+    (one, w_one), (two, w_two) = read(runs / "one" / name), read(runs / launched / name)
+    ranks = rank_files(runs / launched / name)
+    if launched == "fsdp2":  # each rank held half the (padded) parameters, as DTensor shards
         whole = json.loads((runs / "one" / name / "dist_rank0.json").read_text())["parameters"]
         assert all(r["distributed_type"] == "DistributedType.FSDP" and r["sharded"] for r in ranks), ranks
         assert all(r["parameters"] < 0.6 * whole for r in ranks), (whole, ranks)
@@ -120,8 +112,8 @@ def test_fsdp2_trains_on_its_own_generations(runs):
     different numbers of steps here, and training goes through (TRL's generate keeps the ranks in step; the
     continuous-batching decoder, which would not, is not used then)."""
     folder = runs / "fsdp2" / "generated"
-    history, weights = _read(folder)
-    assert len(history) == 2 and all(r["sharded"] for r in _dist(folder))
+    history, weights = read(folder)
+    assert len(history) == 2 and all(r["sharded"] for r in rank_files(folder))
     calls = [json.loads((folder / f"lengths_rank{r}.json").read_text()) for r in range(2)]
     assert len(calls[0]) == len(calls[1]) == 2
     assert any(max(a) != max(b) for a, b in zip(*calls)), calls  # the ranks decoded different numbers of steps

@@ -2,22 +2,20 @@
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.launchers import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.multiproc
 def test_grpo_two_processes_log_global_metrics(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun not found"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "posttrain", "train",
+    cmd = [*torchrun(2, 29517), "-m", "posttrain", "train",
            "recipes/grpo/grpo.yaml", "model.name_or_path=tiny-qwen2", "trainer.max_steps=2",
            "trainer.per_device_train_batch_size=8", "rollout.max_new_tokens=8", "eval.before=false",
            "eval.after=false", f"output_dir={tmp_path}"]

@@ -4,7 +4,6 @@ the parameters sharded over the two ranks; tests/distributed/fsdp_cpu.py lets ac
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from posttrain.rewards.ensemble import RewardEnsemble
+from tests.distributed import launchers
 from tests.trainers.reward_setting import answer, question, recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,18 +24,12 @@ def _train(recipe_file: Path, out: Path, per_device: int, processes: int, port: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "posttrain", "train", str(recipe_file), f"output_dir={out}",
             f"trainer.per_device_train_batch_size={per_device}"]
-    if fsdp2:  # the shipped config, at fp32 on CPU
-        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-        assert accelerate, "accelerate not found"
-        cmd = [accelerate, "launch", "--config_file", str(REPO / "launch/accelerate/fsdp2.yaml"), "--num_processes",
-               str(processes), "--mixed_precision", "no", "--main_process_port", str(port),
-               str(REPO / "tests/distributed/fsdp_cpu.py"), *args]
+    if fsdp2:
+        cmd = [*launchers.fsdp2(processes, port), *args]
     elif processes == 1:
         cmd = [sys.executable, *args]
     else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-        assert torchrun, "torchrun not found"
-        cmd = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port), *args]
+        cmd = [*launchers.torchrun(processes, port), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
