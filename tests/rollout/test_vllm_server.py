@@ -219,7 +219,7 @@ def test_grpo_under_fsdp2_serves_the_gathered_adapter(server, tmp_path):
     tests/distributed/fsdp_cpu.py), generating through the server: before each generation every rank takes part in
     gathering the adapter, the main process loads it on the server, and the server's sampled-token log-probs then
     equal the trainer's at every step. With the sync made a no-op they were 0.2 nats apart (mean) from step 2 on."""
-    from tests.trainers.test_grpo_methods_multiproc import launch, rank_files, read
+    from tests.trainers.grpo_methods_worker import launch, rank_files, read
 
     launch(tmp_path, 2, ["lora:grpo:1:8:1:server"], 29535, fsdp2=True, POSTTRAIN_TEST_VLLM_URL=server)
     history, weights = read(tmp_path / "lora")

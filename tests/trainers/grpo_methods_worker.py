@@ -2,9 +2,9 @@
 DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
 float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
-Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate|:server] (one generation per micro-batch), trained one
-after the other in the same process group (one launch for all of them: startup is most of a tiny run) into
-OUT_DIR/NAME:
+Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate|:server|:colocate] (one generation per micro-batch),
+trained one after the other in the same process group (one launch for all of them: startup is most of a tiny run)
+into OUT_DIR/NAME:
 
     torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
 
@@ -12,7 +12,8 @@ OUT_DIR/NAME:
 logit is raised (completions of 1-16 tokens, so ranks finish decoding after different numbers of steps); each rank
 writes its completions' lengths per generation call to OUT_DIR/NAME/lengths_rank<r>.json. The trained weights are
 `server` generates through the vLLM server at $POSTTRAIN_TEST_VLLM_URL (posttrain's VLLMServerEngine, which syncs the
-trained weights to it before each generation). The trained weights are
+trained weights to it before each generation), `colocate` through an in-process vLLM engine on every rank (the
+engine's seed and vLLM executor go into dist_rank<r>.json); both train on the `parity` reward. The trained weights are
 saved whole (all-gathered when the launch shards them, e.g. under tests/distributed/fsdp_cpu.py); each rank writes
 whether they were sharded and how many elements it held to OUT_DIR/NAME/dist_rank<r>.json.
 """
@@ -20,8 +21,10 @@ whether they were sharded and how many elements it held to OUT_DIR/NAME/dist_ran
 import json
 import os
 import re
+import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -60,7 +63,7 @@ reward.__name__ = "accuracy"
 
 def parity(prompts, completions, **kwargs):
     """1 for an even number of characters: varies within nearly every group of sampled completions, so that every
-    step of the `server` runs moves the weights the next sync must carry."""
+    step of the vLLM (`server`, `colocate`) runs moves the weights the next sync must carry."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [float(len(t) % 2 == 0) for t in texts]
 
@@ -115,7 +118,8 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
             for a in range(6) for b in range(6)]
     tokenizer = load_tokenizer("tiny-qwen2")
-    config = config_cls(output_dir=out, max_steps=4 if option == "server" else 2, num_generations=8,
+    vllm = option in ("server", "colocate")
+    config = config_cls(output_dir=out, max_steps=4 if vllm else 2, num_generations=8,
                         per_device_train_batch_size=per_device, gradient_accumulation_steps=grad_accum,
                         steps_per_generation=1, max_completion_length=16,
                         logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
@@ -130,7 +134,12 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
         from posttrain.rollout.vllm import VLLMServerEngine
 
         rollout = {"rollout_engine": VLLMServerEngine(os.environ["POSTTRAIN_TEST_VLLM_URL"], tokenizer)}
-    trainer = trainer_cls(model=model, reward_funcs=[parity if option == "server" else reward], args=config,
+    elif option == "colocate":
+        from posttrain.rollout import make_engine
+
+        rollout = {"rollout_engine": make_engine("vllm", "tiny-qwen2", tokenizer, dtype="float32", seed=0,
+                                                 enable_lora=lora, max_lora_rank=8, cpu_kv_cache_gb=1)}
+    trainer = trainer_cls(model=model, reward_funcs=[parity if vllm else reward], args=config,
                           train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config, **rollout)
     if option == "generate":
@@ -138,9 +147,13 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
     trainer.train()
     trainer.save_state()
     with open(f"{out}/dist_rank{trainer.accelerator.process_index}.json", "w") as f:
+        engine = getattr(trainer, "rollout_engine", None)
         json.dump({"distributed_type": str(trainer.accelerator.distributed_type), "sharded": needs_gather(trainer.model),
                    "parameters": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                                     for p in trainer.model.parameters())}, f)
+                                     for p in trainer.model.parameters()),
+                   **({"engine_seed": engine.seed, "executor": str(engine.llm.llm_engine.vllm_config.parallel_config
+                                                                   .distributed_executor_backend)}
+                      if option == "colocate" else {})}, f)
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     with full_state_dict(trainer.model, select=lambda m: dict(m.named_parameters())) as params:
         weights = {n: p.detach().cpu().clone() for n, p in params.items() if n in trained}
@@ -149,10 +162,34 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
     trainer.accelerator.wait_for_everyone()
 
 
+# --- for the tests: launch the worker, read what it wrote ---
+
+def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, **env: str) -> None:
+    """The SPECs in one launch of this worker: torchrun, or the shipped FSDP2 config (tests/distributed/launchers.py);
+    `env` adds to the environment."""
+    from tests.distributed import launchers
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **env}
+    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), __file__, str(out), *specs]
+    proc = subprocess.run(cmd, cwd=launchers.REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def read(folder: Path) -> tuple[list[dict], dict]:
+    """A trained spec's logged steps and its trained weights."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [h for h in history if "loss" in h], torch.load(folder / "weights.pt")
+
+
+def rank_files(folder: Path) -> list[dict]:
+    """What each of two ranks wrote of its launch (dist_rank<r>.json)."""
+    return [json.loads((folder / f"dist_rank{r}.json").read_text()) for r in range(2)]
+
+
 def main(out: str, specs: list[str]) -> None:
     for spec in specs:
         name, method, lora, per_device, grad_accum, *option = spec.split(":", 5)
-        assert option in ([], ["generate"], ["server"]), spec
+        assert option in ([], ["generate"], ["server"], ["colocate"]), spec
         train(f"{out}/{name}", method, lora == "1", int(per_device), int(grad_accum), *option)
 
 

@@ -10,17 +10,12 @@ ranks; tests/distributed/fsdp_cpu.py lets accelerate run it on CPU) match one pr
 trainers' own generation (ranks whose completions end after different numbers of decoding steps) trains through."""
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed import launchers
+from tests.trainers.grpo_methods_worker import launch, rank_files, read
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("grpo_methods_worker.py")
 # every method's own logged statistics, compared besides the common ones and the trained weights
 METHODS = {"grpo": [], "steer": ["steer/weight_mean", "steer/weight_min"], "steer_global": ["steer/weight_min"],
            "epo": ["epo/beta", "epo/corridor_fraction", "epo/entropy_traj", "epo/h_bar", "epo/smooth_penalty"],
@@ -32,14 +27,6 @@ COMMON = ["loss", "grad_norm", "reward", "reward_std", "entropy", "entropy/mean"
 # micro-batch (prompt 1's group, then prompt 2's: what rank 0 and rank 1 get). Its logged reward_std is then a mean
 # of per-micro-batch standard deviations, not the gathered batch's, so it is not compared there.
 PER_MICRO_BATCH = {"steer", "clip_cov"}  # with loss_type grpo (see the worker)
-
-
-def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, **env: str) -> None:
-    """The worker's SPECs in one launch: torchrun, or the shipped FSDP2 config (tests/distributed/launchers.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **env}
-    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), str(WORKER), str(out), *specs]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +44,6 @@ def runs(tmp_path_factory):
     launch(root / "two", 2, two, 29532)
     launch(root / "fsdp2", 2, [*two, "generated:grpo:0:8:1:generate"], 29533, fsdp2=True)
     return root
-
-
-def read(folder: Path) -> tuple[list[dict], dict]:
-    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    return [h for h in history if "loss" in h], torch.load(folder / "weights.pt")
-
-
-def rank_files(folder: Path) -> list[dict]:
-    """What each rank wrote of its launch (dist_rank<r>.json)."""
-    return [json.loads((folder / f"dist_rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.multiproc
