@@ -788,6 +788,13 @@ def _sharding_problems(recipe: Recipe) -> list[str]:
         problems.append(f"eval.every_n_steps: {hint} (unset it), or train with DDP or ZeRO-1/2")
     if getattr(recipe.eval, "after", False):
         problems.append(f"eval.after: {hint} (set it to false)")
+    rollout = getattr(recipe, "rollout", None)
+    if sharding == "zero3" and getattr(recipe.eval, "before", False) and getattr(rollout, "engine", "hf") != "vllm":
+        # transformers loads the model under DeepSpeed's zero.Init once ZeRO-3 is configured: every rank holds
+        # only its partition of the weights from the start, so the main process cannot run the model alone
+        problems.append("eval.before: under zero3 the weights are partitioned over the ranks as the model loads, so "
+                        "the main process cannot evaluate it alone; set eval.before: false and evaluate the base "
+                        "model with `posttrain eval`, or generate with rollout.engine: vllm (GRPO)")
     return problems
 
 

@@ -82,6 +82,27 @@ def test_main_process_evaluation_under_sharding_is_refused_before_any_model_load
     load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])  # nothing left to refuse
 
 
+def test_evaluation_before_training_under_zero3_is_refused_with_the_hf_engine(no_launcher_env):
+    """Under ZeRO-3 transformers loads the model partitioned over the ranks (zero.Init); under FSDP it loads whole
+    and is sharded only when the trainer prepares it, so the evaluation before training runs there. (The recipe
+    problems are read directly: building the trainer config under DeepSpeed needs deepspeed installed.)"""
+    from posttrain.recipe import _sharding_problems
+
+    no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
+    assert load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"]).eval.before
+    no_launcher_env.delenv("ACCELERATE_USE_FSDP")
+    recipes = {name: load_recipe(RECIPES / name, ["eval.after=false", *extra]) for name, extra in
+               [("grpo/grpo.yaml", []), ("dpo/dpo.yaml", []), ("grpo/steer.yaml", ["rollout.engine=vllm"])]}
+    no_launcher_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    for name in ("grpo/grpo.yaml", "dpo/dpo.yaml"):
+        assert any(p.startswith("eval.before: under zero3 the weights are partitioned")
+                   for p in _sharding_problems(recipes[name])), name
+    assert _sharding_problems(recipes["grpo/steer.yaml"]) == []  # the vLLM engine loads the weights whole
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert _sharding_problems(recipes["grpo/grpo.yaml"]) == []  # ZeRO-2: the weights stay whole
+
+
 def test_a_sharded_launch_on_cpu_is_refused_instead_of_running_plain_ddp(no_launcher_env):
     """accelerate 1.x enables its FSDP plugin only from a GPU-type state: on CPU an FSDP launch trains DDP."""
     no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
