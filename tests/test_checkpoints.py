@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.cli import main
 
@@ -64,3 +65,38 @@ def test_save_strategy_no_turns_checkpoints_off(tmp_path):
 def test_a_bare_no_gets_a_quoting_hint(tmp_path, capsys):
     assert _train(*_args(tmp_path, "trainer.max_steps=1", "trainer.save_strategy=no")) == 2
     assert 'quote it, e.g. "no"' in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+def test_resume_under_fsdp2_continues_the_run_exactly(tmp_path):
+    """Two ranks under accelerate's FSDP2 (launch/accelerate/fsdp2.yaml; tests/distributed/fsdp_cpu.py): EPO stopped
+    after step 2 and resumed from its sharded checkpoint (FSDP model and optimizer files, each rank's RNG, EPO's
+    entropy history) logs and trains exactly what an uninterrupted 3-step run does."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from tests.distributed import launchers
+
+    def train(out, port, *extra):
+        cmd = [*launchers.fsdp2(2, port), "-m", "posttrain", "train", GRPO.replace("grpo.yaml", "epo.yaml"),
+               "model.name_or_path=tiny-qwen2", "rollout.max_new_tokens=8", "trainer.per_device_train_batch_size=8",
+               "trainer.save_steps=1", "eval.before=false", "eval.after=false", f"output_dir={out}", *extra]
+        proc = subprocess.run(cmd, cwd=launchers.REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [h for h in history if "loss" in h], load_file(out / "adapter_model.safetensors")
+
+    train(tmp_path / "resumed", 29538, "trainer.max_steps=2")
+    assert (tmp_path / "resumed" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
+    resumed, w_resumed = train(tmp_path / "resumed", 29538, "trainer.max_steps=3", "--resume")
+    straight, w_straight = train(tmp_path / "straight", 29539, "trainer.max_steps=3")
+    assert [h["step"] for h in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: a[k] for k in ("loss", "num_tokens", "epo/h_bar") if k in a} == \
+            {k: b[k] for k in ("loss", "num_tokens", "epo/h_bar") if k in b}
+    assert "epo/h_bar" in resumed[2]  # the entropy history came back from the checkpoint
+    assert w_resumed.keys() == w_straight.keys()
+    assert all(torch.equal(w_resumed[k], w_straight[k]) for k in w_resumed)
