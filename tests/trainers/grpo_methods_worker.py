@@ -1,6 +1,7 @@
-"""Worker for test_grpo_methods_multiproc.py: trains GRPO and every entropy-control method on a tiny model with a
-DETERMINISTIC rollout, so that one process and two processes see exactly the same completions. Plain SGD, so that
-float-rounding differences of the gradients are not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
+"""Worker for the multi-process GRPO tests (test_grpo_methods_multiproc.py, tests/rollout/test_vllm_*): trains GRPO
+and every entropy-control method on a tiny model. By default with a DETERMINISTIC rollout, so that one process and
+two processes see exactly the same completions. Plain SGD, so that float-rounding differences of the gradients are
+not blown up by Adam's g / sqrt(v) on near-zero gradient entries.
 
 Each SPEC is NAME:METHOD:LORA:PER_DEVICE:GRAD_ACCUM[:generate|:server|:colocate] (one generation per micro-batch),
 trained one after the other in the same process group (one launch for all of them: startup is most of a tiny run)
@@ -8,14 +9,16 @@ into OUT_DIR/NAME:
 
     torchrun --nproc_per_node 2 tests/trainers/grpo_methods_worker.py OUT_DIR grpo:grpo:0:8:1 steer:steer:1:8:1
 
-`generate` samples the completions with the trainer's own generation instead, from a model whose end-of-sequence
-logit is raised (completions of 1-16 tokens, so ranks finish decoding after different numbers of steps); each rank
-writes its completions' lengths per generation call to OUT_DIR/NAME/lengths_rank<r>.json. The trained weights are
-`server` generates through the vLLM server at $POSTTRAIN_TEST_VLLM_URL (posttrain's VLLMServerEngine, which syncs the
-trained weights to it before each generation), `colocate` through an in-process vLLM engine on every rank (the
-engine's seed and vLLM executor go into dist_rank<r>.json); both train on the `parity` reward. The trained weights are
-saved whole (all-gathered when the launch shards them, e.g. under tests/distributed/fsdp_cpu.py); each rank writes
-whether they were sharded and how many elements it held to OUT_DIR/NAME/dist_rank<r>.json.
+- `generate` samples the completions with the trainer's own generation instead, from a model whose end-of-sequence
+  logit is raised (completions of 1-16 tokens, so ranks finish decoding after different numbers of steps); each
+  rank writes its completions' lengths per generation call to OUT_DIR/NAME/lengths_rank<r>.json.
+- `server` generates through the vLLM server at $POSTTRAIN_TEST_VLLM_URL (posttrain's VLLMServerEngine, which syncs
+  the trained weights to it before each generation); `colocate` through an in-process vLLM engine on every rank
+  (its seed and vLLM executor go into dist_rank<r>.json). Both train 4 steps on the `parity` reward.
+
+The trained weights are saved whole (all-gathered when the launch shards them, e.g. under
+tests/distributed/fsdp_cpu.py); each rank writes whether they were sharded and how many elements it held to
+OUT_DIR/NAME/dist_rank<r>.json. `launch`, `read` and `rank_files` at the end are the tests' side.
 """
 
 import json
