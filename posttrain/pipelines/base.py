@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from posttrain.methods import MethodSpec
 
 __all__ = ["Pipeline", "RunContext", "RunOutcome", "COMMON_OWNED_KEYS", "base_trainer_kwargs", "load_task",
-           "evaluate_task_accuracy", "peft_config", "to_accelerator", "train_and_save", "write_report", "on_gpu"]
+           "evaluate_task_accuracy", "peft_config", "run_figures", "to_accelerator", "train_and_save", "write_report",
+           "on_gpu"]
 
 # Trainer keys every kind owns elsewhere in the recipe.
 COMMON_OWNED_KEYS: dict[str, str] = {"output_dir": "output_dir (top level)", "seed": "seed (top level)"}
@@ -190,13 +191,21 @@ def to_accelerator(model: Any) -> Any:
     return model
 
 
+def run_figures(trainer: Any) -> dict[str, Any]:
+    """A trained run's speed and memory (`perf`, when its steps logged them) and how it was launched (`launch`:
+    processes, distributed type, sharding, device)."""
+    from posttrain.distributed import launch_summary
+    from posttrain.trainers.perf import perf_summary
+
+    perf = perf_summary(trainer.state.log_history)
+    return {**({"perf": perf} if perf else {}), "launch": launch_summary(trainer.accelerator)}
+
+
 def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_dir: Path | None = None) -> None:
     """`trainer.train()` (resuming as asked), then the final model (or adapter) and trainer state in `save_dir`
-    (default: output_dir); records train_minutes, steps, the run's speed and memory (`perf`) and how it was launched
-    (`launch`: processes, distributed type, sharding, device) in `summary`."""
+    (default: output_dir); records train_minutes, steps and `run_figures` in `summary`."""
     from posttrain.checkpoints import RecipeCheckpointCallback
-    from posttrain.distributed import launch_summary
-    from posttrain.trainers.perf import attach_perf, perf_summary
+    from posttrain.trainers.perf import attach_perf
 
     trainer.add_callback(RecipeCheckpointCallback(ctx.recipe))
     attach_perf(trainer)
@@ -204,9 +213,7 @@ def train_and_save(trainer: Any, ctx: RunContext, summary: dict[str, Any], save_
     trainer.train(resume_from_checkpoint=ctx.resume)
     summary["train_minutes"] = (time.perf_counter() - t0) / 60
     summary["steps"] = trainer.state.global_step
-    if perf := perf_summary(trainer.state.log_history):
-        summary["perf"] = perf
-    summary["launch"] = launch_summary(trainer.accelerator)
+    summary.update(run_figures(trainer))
     trainer.save_model(str(save_dir or ctx.output_dir))
     trainer.save_state()
 

@@ -39,6 +39,7 @@ from posttrain.pipelines.base import (
     base_trainer_kwargs,
     evaluate_task_accuracy,
     peft_config,
+    run_figures,
     write_report,
 )
 from posttrain.recipe import Recipe
@@ -439,16 +440,13 @@ class _Run:
         print(f"[posttrain] stage {i + 1}/{len(p.stages)}: {stage.name}"
               + (f" (adapter {record['group']}{', new' if record['created'] else ''})" if "group" in record else "")
               + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
-        from posttrain.distributed import launch_summary
-        from posttrain.trainers.perf import attach_perf, perf_summary
+        from posttrain.trainers.perf import attach_perf
 
         attach_perf(trainer)
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=checkpoint)
         record.update(train_seconds=time.perf_counter() - t0, steps=trainer.state.global_step)
-        if perf := perf_summary(trainer.state.log_history):
-            record["perf"] = perf
-        record["launch"] = launch_summary(trainer.accelerator)
+        record.update(run_figures(trainer))
         trainer.save_state()
         forward.restore()
         if ctx.is_main:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain.data.preferences import PreferenceSource
-from posttrain.distributed import sharding_from_recipe
+from posttrain.distributed import needs_gather, sharding_from_recipe
 from posttrain.pipelines.base import (
     COMMON_OWNED_KEYS,
     Pipeline,
@@ -192,9 +192,6 @@ class RewardPipeline(Pipeline):
                                    "k": len(p.members), "seeds": [m.seed for m in p.members], **p.data_summary}
         history: list[dict[str, Any]] = []
         base, pristine = ctx.model, True
-        # a full member's training changes the base's weights; FSDP and ZeRO-3 shard the base of a LoRA member in
-        # place: the next member then starts from a freshly loaded base
-        reload = form == "full" or (form == "lora" and sharding_from_recipe(recipe.trainer) is not None)
         cache = self._feature_cache(ctx, p, summary) if p.config.uses_feature_cache else None
         for member in p.members:
             done = member.folder / MEMBER_FILE
@@ -203,9 +200,8 @@ class RewardPipeline(Pipeline):
                 if ctx.is_main:
                     print(f"[posttrain] member {member.index} already trained ({done}), skipped", flush=True)
                 continue
-            if reload and not pristine:
+            if not pristine:
                 base = self.load(ctx)[0]  # every member starts from the pretrained weights
-            pristine = not reload
             if cache is not None:  # heads on the frozen base's features, computed once for every member
                 model, data = FeatureHeadModel.on(cache[0], base.config), cache[1:]
             else:
@@ -213,7 +209,9 @@ class RewardPipeline(Pipeline):
             record, log, trained = self._train_member(ctx, p, member, model, data)
             summary.setdefault("members", []).append(record)
             history += [{**h, "member": member.index} for h in log]
-            if form == "lora" and not reload:
+            if form == "full" or needs_gather(trained):
+                pristine = False  # the base's weights changed (full), or FSDP / ZeRO-3 sharded them in place
+            elif form == "lora":
                 base = trained.unload()  # the shared base again, this member's adapter removed
         summary["steps"] = summary["members"][-1]["steps"]
         summary["launch"] = summary["members"][-1].get("launch")  # a member trained before this run may have none
