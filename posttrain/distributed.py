@@ -83,12 +83,35 @@ def sharded_training(accelerator: Any) -> str | None:
     return None
 
 
+def offloaded(accelerator: Any) -> list[str]:
+    """What the launch keeps in CPU (or NVMe) memory rather than on the device: everything under FSDP's parameter
+    offload (fsdp2_offload.yaml), DeepSpeed's offload_param / offload_optimizer as configured."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:
+        policy = getattr(fsdp, "cpu_offload", None)  # FSDP2: a CPUOffloadPolicy; FSDP1: CPUOffload(offload_params)
+        on = isinstance(policy, CPUOffloadPolicy) or getattr(policy, "offload_params", False) is True
+        return ["parameters", "gradients", "optimizer state"] if on else []
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return []
+    zero = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization") or {}
+    out = []
+    for key, what in (("offload_param", "parameters"), ("offload_optimizer", "optimizer state")):
+        device = (zero.get(key) or {}).get("device") or getattr(plugin, f"{key}_device", None)
+        if device not in (None, "none", "auto"):
+            out.append(what)
+    return out
+
+
 def launch_summary(accelerator: Any) -> dict[str, Any]:
     """How a run was launched, for its summary and report: the number of processes, accelerate's distributed type,
-    the parameters' sharding ("fsdp" / "zero3" / None) and the device type."""
+    the parameters' sharding ("fsdp" / "zero3" / None), what is offloaded to CPU memory and the device type."""
     kind = accelerator.distributed_type
     return {"processes": int(accelerator.num_processes), "distributed_type": getattr(kind, "value", str(kind)),
-            "sharding": sharded_training(accelerator), "device": accelerator.device.type}
+            "sharding": sharded_training(accelerator), "offload": offloaded(accelerator),
+            "device": accelerator.device.type}
 
 
 def describe_launch(launch: Mapping[str, Any]) -> str:
@@ -98,6 +121,10 @@ def describe_launch(launch: Mapping[str, Any]) -> str:
     how = [launch["distributed_type"]] if n > 1 else []
     if launch.get("sharding"):
         how.append("parameters sharded")
+    if launch.get("offload"):
+        *first, last = launch["offload"]
+        how.append(f"{', '.join(first)} and {last}" if first else last)
+        how[-1] += " offloaded to CPU memory"
     line = f"Launch: {n} process{'es' if n > 1 else ''}" + (f" ({', '.join(how)})" if how else "")
     line += f" on {launch['device']}"
     return line + ("; the memory figures are the main process's." if n > 1 else ".")

@@ -129,16 +129,34 @@ def test_sharded_accelerators(no_launcher_env):
 
 def test_launch_summary_and_its_report_line():
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     one = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO, device=torch.device("cpu"),
                           state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
-    assert launch_summary(one) == {"processes": 1, "distributed_type": "NO", "sharding": None, "device": "cpu"}
+    assert launch_summary(one) == {"processes": 1, "distributed_type": "NO", "sharding": None, "offload": [],
+                                   "device": "cpu"}
     assert describe_launch(launch_summary(one)) == "Launch: 1 process on cpu."
     fsdp = SimpleNamespace(num_processes=8, distributed_type=DistributedType.FSDP, device=torch.device("cuda", 3),
                            is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=object(), deepspeed_plugin=None))
-    assert launch_summary(fsdp) == {"processes": 8, "distributed_type": "FSDP", "sharding": "fsdp", "device": "cuda"}
+    assert launch_summary(fsdp) == {"processes": 8, "distributed_type": "FSDP", "sharding": "fsdp", "offload": [],
+                                    "device": "cuda"}
     assert describe_launch(launch_summary(fsdp)) == ("Launch: 8 processes (FSDP, parameters sharded) on cuda; the "
                                                      "memory figures are the main process's.")
+    offload = SimpleNamespace(num_processes=8, distributed_type=DistributedType.FSDP, device=torch.device("cuda"),
+                              is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+                                  cpu_offload=CPUOffloadPolicy()), deepspeed_plugin=None))
+    assert launch_summary(offload)["offload"] == ["parameters", "gradients", "optimizer state"]
+    assert describe_launch(launch_summary(offload)) == (
+        "Launch: 8 processes (FSDP, parameters sharded, parameters, gradients and optimizer state offloaded to CPU "
+        "memory) on cuda; the memory figures are the main process's.")
+    zero3 = SimpleNamespace(num_processes=4, distributed_type=DistributedType.DEEPSPEED, device=torch.device("cuda"),
+                            state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(
+                                zero_stage=3, offload_param_device="none", offload_optimizer_device="none",
+                                deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})))
+    assert launch_summary(zero3)["offload"] == ["optimizer state"]
+    assert describe_launch(launch_summary(zero3)) == (
+        "Launch: 4 processes (DEEPSPEED, parameters sharded, optimizer state offloaded to CPU memory) on cuda; the "
+        "memory figures are the main process's.")
     ddp = {"processes": 2, "distributed_type": "MULTI_CPU", "sharding": None, "device": "cpu"}
     assert describe_launch(ddp) == "Launch: 2 processes (MULTI_CPU) on cpu; the memory figures are the main process's."
 

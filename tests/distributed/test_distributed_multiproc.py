@@ -1,6 +1,7 @@
 """posttrain.distributed under two real processes (torchrun, gloo on CPU): main-process-only work that outlasts the
-process group's timeout, its failure reaching every rank, FSDP2's full tensors for weight sync, and the vLLM server
-client's weight sync from the main process only, to every server."""
+process group's timeout, its failure reaching every rank, FSDP2's full tensors for weight sync, the vLLM server
+client's weight sync from the main process only, to every server; and a recipe trained under the FSDP2 CPU-offload
+config."""
 
 import json
 import os
@@ -57,3 +58,26 @@ def test_server_weight_sync_runs_once_from_the_main_process(tmp_path):
         assert [route for host, route in main["posts"] if host == server] == [
             "load_lora_adapter", "load_lora_adapter", "unload_lora_adapter"]
     assert len(main["posts"]) == 6 and other["posts"] == []
+
+
+@pytest.mark.multiproc
+def test_the_fsdp2_offload_config_trains_a_recipe_and_its_report_says_so(tmp_path):
+    """launch/accelerate/fsdp2_offload.yaml as shipped (through tests/distributed/fsdp_cpu.py, 2 processes, fp32):
+    `posttrain train` runs a GRPO recipe with the parameter shards offloaded, and the run's summary and report name
+    the launch."""
+    from tests.distributed import launchers
+
+    out = tmp_path / "run"
+    cmd = [*launchers.fsdp2(2, 29565, offload=True), "-m", "posttrain", "train", str(REPO / "recipes/grpo/epo.yaml"),
+           "model.name_or_path=tiny-qwen2", "rollout.max_new_tokens=8", "trainer.per_device_train_batch_size=8",
+           "trainer.max_steps=2", "eval.before=false", "eval.after=false", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["launch"] == {"processes": 2, "distributed_type": "FSDP", "sharding": "fsdp",
+                                 "offload": ["parameters", "gradients", "optimizer state"], "device": "cpu"}
+    assert ("Launch: 2 processes (FSDP, parameters sharded, parameters, gradients and optimizer state offloaded to "
+            "CPU memory) on cpu") in (out / "report" / "README.md").read_text()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]

@@ -116,6 +116,14 @@ def record_lengths(trainer, path: str) -> None:
     trainer._generate_single_turn = recorded
 
 
+def _cpu_offloaded(model) -> list[bool]:
+    """Whether each FSDP2 parameter group in the model (deduplicated) offloads to the CPU (fsdp2_offload.yaml)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    return sorted({isinstance(g.offload_policy, CPUOffloadPolicy) for g in groups if g is not None})
+
+
 def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, option: str | None = None) -> None:
     trainer_cls, config_cls, fields = METHODS[method]
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
@@ -154,6 +162,7 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
         json.dump({"distributed_type": str(trainer.accelerator.distributed_type), "sharded": needs_gather(trainer.model),
                    "parameters": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                      for p in trainer.model.parameters()),
+                   "cpu_offload": _cpu_offloaded(trainer.model),
                    **({"engine_seed": engine.seed, "executor": str(engine.llm.llm_engine.vllm_config.parallel_config
                                                                    .distributed_executor_backend)}
                       if option == "colocate" else {})}, f)
@@ -167,13 +176,15 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
 
 # --- for the tests: launch the worker, read what it wrote ---
 
-def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, **env: str) -> None:
-    """The SPECs in one launch of this worker: torchrun, or the shipped FSDP2 config (tests/distributed/launchers.py);
-    `env` adds to the environment."""
+def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, offload: bool = False,
+           **env: str) -> None:
+    """The SPECs in one launch of this worker: torchrun, or the shipped FSDP2 config (fsdp2_offload.yaml with
+    `offload`; tests/distributed/launchers.py); `env` adds to the environment."""
     from tests.distributed import launchers
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **env}
-    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), __file__, str(out), *specs]
+    prefix = launchers.fsdp2(nproc, port, offload) if fsdp2 else launchers.torchrun(nproc, port)
+    cmd = [*prefix, __file__, str(out), *specs]
     proc = subprocess.run(cmd, cwd=launchers.REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

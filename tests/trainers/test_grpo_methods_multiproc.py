@@ -7,7 +7,8 @@ gradient accumulation 2.
 
 The same two-process runs under accelerate's FSDP2 (launch/accelerate/fsdp2.yaml, parameters sharded over the two
 ranks; tests/distributed/fsdp_cpu.py lets accelerate run it on CPU) match one process too; and under FSDP2 the
-trainers' own generation (ranks whose completions end after different numbers of decoding steps) trains through."""
+trainers' own generation (ranks whose completions end after different numbers of decoding steps) trains through;
+and so do four of them under launch/accelerate/fsdp2_offload.yaml."""
 
 import json
 
@@ -27,12 +28,16 @@ COMMON = ["loss", "grad_norm", "reward", "reward_std", "entropy", "entropy/mean"
 # micro-batch (prompt 1's group, then prompt 2's: what rank 0 and rank 1 get). Its logged reward_std is then a mean
 # of per-micro-batch standard deviations, not the gathered batch's, so it is not compared there.
 PER_MICRO_BATCH = {"steer", "clip_cov"}  # with loss_type grpo (see the worker)
+# also trained under launch/accelerate/fsdp2_offload.yaml (parameter shards, gradients and optimizer state on the
+# CPU, the optimizer stepping there); on CPU the offload moves nothing, but FSDP2's offload path runs
+OFFLOADED = ["grpo_full", "grpo_lora", "epo_full", "steer_lora"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch of one process, one of two (DDP) and one of two under FSDP2, each training all 16 (method, LoRA)
-    cases in turn; the FSDP2 launch also trains GRPO on its own generations."""
+    cases in turn; the FSDP2 launch also trains GRPO on its own generations; a launch under FSDP2 with CPU offload
+    trains the OFFLOADED cases."""
     root = tmp_path_factory.mktemp("grpo_methods")
     one, two = [], []
     for method in METHODS:
@@ -43,21 +48,27 @@ def runs(tmp_path_factory):
     launch(root / "one", 1, one, 29531)
     launch(root / "two", 2, two, 29532)
     launch(root / "fsdp2", 2, [*two, "generated:grpo:0:8:1:generate"], 29533, fsdp2=True)
+    launch(root / "fsdp2_offload", 2, [s for s in two if s.split(":")[0] in OFFLOADED], 29534, fsdp2=True,
+           offload=True)
     return root
 
 
+CASES = [(m, lora, launched) for launched in ("two", "fsdp2") for lora in (False, True) for m in METHODS] + \
+    [(name.rsplit("_", 1)[0], name.endswith("lora"), "fsdp2_offload") for name in OFFLOADED]
+
+
 @pytest.mark.multiproc
-@pytest.mark.parametrize("launched", ["two", "fsdp2"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(("method", "lora", "launched"), CASES,
+                         ids=[f"{m}-{'lora' if lora else 'full'}-{launched}" for m, lora, launched in CASES])
 def test_two_processes_equal_one(runs, method, lora, launched):
     name = f"{method}_{'lora' if lora else 'full'}"
     (one, w_one), (two, w_two) = read(runs / "one" / name), read(runs / launched / name)
     ranks = rank_files(runs / launched / name)
-    if launched == "fsdp2":  # each rank held half the (padded) parameters, as DTensor shards
+    if launched.startswith("fsdp2"):  # each rank held half the (padded) parameters, as DTensor shards
         whole = json.loads((runs / "one" / name / "dist_rank0.json").read_text())["parameters"]
         assert all(r["distributed_type"] == "DistributedType.FSDP" and r["sharded"] for r in ranks), ranks
         assert all(r["parameters"] < 0.6 * whole for r in ranks), (whole, ranks)
+        assert all(r["cpu_offload"] == [launched == "fsdp2_offload"] for r in ranks), ranks
     else:
         assert not any(r["sharded"] for r in ranks), ranks
     assert len(one) == len(two) == 2
