@@ -767,9 +767,9 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _sharding_problems(recipe: Recipe) -> list[str]:
+def _sharding_problems(recipe: Recipe, pipeline: Any) -> list[str]:
     """Main-process evaluation of a model whose parameters are sharded over ranks (FSDP, ZeRO-3) would hang: a
-    forward pass there needs every rank's shards. Refused before any model loads."""
+    forward pass there needs every rank's shards. Refused before any model loads (`pipeline`: the recipe's kind's)."""
     from posttrain.distributed import rank_info, sharding_from_recipe
 
     sharding = sharding_from_recipe(recipe.trainer)
@@ -788,8 +788,7 @@ def _sharding_problems(recipe: Recipe) -> list[str]:
         problems.append(f"eval.every_n_steps: {hint} (unset it), or train with DDP or ZeRO-1/2")
     if getattr(recipe.eval, "after", False):
         problems.append(f"eval.after: {hint} (set it to false)")
-    rollout = getattr(recipe, "rollout", None)
-    if sharding == "zero3" and getattr(recipe.eval, "before", False) and getattr(rollout, "engine", "hf") != "vllm":
+    if sharding == "zero3" and getattr(recipe.eval, "before", False) and not pipeline.evaluates_its_own_copy(recipe):
         # transformers loads the model under DeepSpeed's zero.Init once ZeRO-3 is configured: every rank holds
         # only its partition of the weights from the start, so the main process cannot run the model alone
         problems.append("eval.before: under zero3 the weights are partitioned over the ranks as the model loads, so "
@@ -810,7 +809,7 @@ def _validate(data: Mapping[str, Any], source: str | None, errors: list[str]) ->
              **_section_hooks(pipeline, data.get("method"))}
     recipe = _build(Recipe, data, [], errors, hooks=hooks)
     if recipe is not None and pipeline is not None and not errors:
-        errors.extend(pipeline.check(recipe) or _sharding_problems(recipe))
+        errors.extend(pipeline.check(recipe) or _sharding_problems(recipe, pipeline))
     if errors or recipe is None:
         raise RecipeError(errors or ["recipe could not be built"], source)
     recipe.source = source

@@ -83,6 +83,12 @@ class Pipeline:
         """Problems that span sections (each naming its key path), found when the recipe loads. Default: none."""
         return []
 
+    def evaluates_its_own_copy(self, recipe: Recipe) -> bool:
+        """Whether the evaluation before training generates with an engine that loads its own copy of the weights
+        (vLLM), rather than with the model about to be trained. Under ZeRO-3 that model is partitioned over the
+        ranks from the moment it loads, so only an own copy lets the main process evaluate alone. Default: no."""
+        return False
+
     def resume_point(self, recipe: Recipe, resume: str | bool | None, force: bool = False) -> str | bool | None:
         """What `--resume` means for this kind, checked before anything loads. Default: one trainer's checkpoints
         (`posttrain.checkpoints.resolve_resume`: the last or a given checkpoint-N, refused when the recipe

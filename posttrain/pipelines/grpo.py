@@ -153,6 +153,9 @@ class GRPOPipeline(Pipeline):
             problems.append(f"{key}: {message}")
         return problems
 
+    def evaluates_its_own_copy(self, recipe: Recipe) -> bool:
+        return recipe.rollout.engine == "vllm"  # the evaluation generates with the rollout engine
+
     def describe(self, recipe: Recipe) -> dict[str, Any]:
         config = trainer_config(recipe, _config_class(recipe))
         fields = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",

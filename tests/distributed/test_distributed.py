@@ -86,7 +86,12 @@ def test_evaluation_before_training_under_zero3_is_refused_with_the_hf_engine(no
     """Under ZeRO-3 transformers loads the model partitioned over the ranks (zero.Init); under FSDP it loads whole
     and is sharded only when the trainer prepares it, so the evaluation before training runs there. (The recipe
     problems are read directly: building the trainer config under DeepSpeed needs deepspeed installed.)"""
-    from posttrain.recipe import _sharding_problems
+    from posttrain.methods import get_method
+    from posttrain.pipelines import get_pipeline
+    from posttrain.recipe import _sharding_problems as problems
+
+    def _sharding_problems(recipe):
+        return problems(recipe, get_pipeline(get_method(recipe.method).kind))
 
     no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
     assert load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"]).eval.before
