@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev install-vllm quickstart test test-slow lint bench clean
+.PHONY: install install-dev install-vllm install-deepspeed quickstart test test-slow lint bench clean
 
 install: $(VENV)/.installed
 
@@ -38,15 +38,25 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 	fi
 	touch $@
 
+# DeepSpeed (ZeRO-2/3 launches): PyPI has only its source release, whose build imports torch, so it builds against
+# the torch installed above (--no-build-isolation; an isolated build would fetch a CUDA torch). DS_BUILD_OPS=0: a
+# pure-Python wheel whose kernels compile on first use on a GPU; on CPU it runs on its CPU accelerator over gloo.
+install-deepspeed: $(VENV)/.installed-deepspeed
+
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PIP) install -q setuptools wheel
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	touch $@
+
 quickstart: install
 	$(PY) -m posttrain models pull smollm2-135m-instruct
 	$(PY) -m posttrain quickstart
 
-test: install-dev install-vllm
+test: install-dev install-vllm install-deepspeed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The slow, multi-process (torchrun, gloo) and vLLM tests that run on CPU; CI runs these too.
-test-slow: install-dev install-vllm
+test-slow: install-dev install-vllm install-deepspeed
 	$(PY) -m pytest -m "(slow or multiproc or vllm) and not gpu" $(PYTEST_ARGS)
 
 # Style: ruff (pyproject [tool.ruff]: pyflakes, pycodestyle, import order, 120 columns).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -69,6 +69,12 @@ def sharding_from_recipe(trainer: Mapping[str, Any]) -> str | None:
     if stage is None and _env_true("ACCELERATE_USE_DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     return "zero3" if str(stage) == "3" else None
+
+
+def uses_deepspeed(trainer: Mapping[str, Any]) -> bool:
+    """Whether a recipe's trainer section (trainer.deepspeed) or the accelerate launch environment (a DeepSpeed
+    config) trains under DeepSpeed, at any ZeRO stage."""
+    return bool(trainer.get("deepspeed")) or _env_true("ACCELERATE_USE_DEEPSPEED")
 
 
 def sharded_training(accelerator: Any) -> str | None:
@@ -130,6 +136,27 @@ def describe_launch(launch: Mapping[str, Any]) -> str:
     return line + ("; the memory figures are the main process's." if n > 1 else ".")
 
 
+@contextmanager
+def loading_whole() -> Iterator[None]:
+    """Models loaded inside the block load whole, on this process alone, under a ZeRO-3 launch too. Once a ZeRO-3
+    config is live, transformers partitions every from_pretrained over the ranks (deepspeed.zero.Init, whose
+    broadcasts need every rank): a load on the main process alone, after training (the reward ensemble's
+    calibration), would fail or hang. The model to train still loads partitioned (outside this block)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration: nothing partitions
+        yield
+        return
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = live() if live is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 def _is_zero3_param(p: Any) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
@@ -150,6 +177,20 @@ def _gathered(model: Any, names: Callable[[str], bool] | None = None) -> Iterato
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+@contextmanager
+def gathered_for_update(params: Sequence[Any]) -> Iterator[None]:
+    """The ZeRO-3 parameters among `params` whole inside the block, and partitioned again after it with the values
+    the main process wrote into them; a collective, so every rank enters it. Other parameters as they are."""
+    zero3 = [p for p in params if _is_zero3_param(p)]
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):
         yield
 
 

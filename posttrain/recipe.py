@@ -775,12 +775,13 @@ def _sharding_problems(recipe: Recipe, pipeline: Any) -> list[str]:
     sharding = sharding_from_recipe(recipe.trainer)
     if sharding is None:
         return []
-    if rank_info()[2] > 1 and not _has_accelerator():
-        # accelerate turns on its FSDP / DeepSpeed plugin only from a GPU-type distributed state: launched on
-        # CPU (MULTI_CPU) it would silently train plain DDP with every parameter on every rank
-        return [f"trainer: {sharding} sharding needs GPUs; on CPU accelerate ignores the sharding plugin and would "
-                "train plain DDP (every rank holding the whole model). Launch CPU runs with "
-                "launch/accelerate/cpu_2proc.yaml (DDP over gloo)"]
+    if sharding == "fsdp" and rank_info()[2] > 1 and not _has_accelerator():
+        # accelerate turns on its FSDP plugin only from a GPU-type distributed state: launched on CPU (MULTI_CPU) it
+        # would silently train plain DDP with every parameter on every rank. (DeepSpeed runs on CPU: its CPU
+        # accelerator, over gloo.)
+        return ["trainer: fsdp sharding needs GPUs; on CPU accelerate ignores the FSDP plugin and would train plain "
+                "DDP (every rank holding the whole model). Launch CPU runs with launch/accelerate/cpu_2proc.yaml "
+                "(DDP over gloo), or shard with DeepSpeed ZeRO-3 (launch/accelerate/zero3.yaml, which runs on CPU)"]
     hint = ("the evaluation runs on the main process, whose forward pass needs every rank's parameter shards under "
             f"{sharding} training (it would hang); evaluate the saved checkpoint with `posttrain eval` instead")
     problems = []

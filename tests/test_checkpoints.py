@@ -68,10 +68,13 @@ def test_a_bare_no_gets_a_quoting_hint(tmp_path, capsys):
 
 
 @pytest.mark.multiproc
-def test_resume_under_fsdp2_continues_the_run_exactly(tmp_path):
-    """Two ranks under accelerate's FSDP2 (launch/accelerate/fsdp2.yaml; tests/distributed/fsdp_cpu.py): EPO stopped
-    after step 2 and resumed from its sharded checkpoint (FSDP model and optimizer files, each rank's RNG, EPO's
-    entropy history) logs and trains exactly what an uninterrupted 3-step run does."""
+@pytest.mark.parametrize("config, checkpoint_file, port", [("fsdp2", "pytorch_model_fsdp.bin", 29538),
+                                                           ("zero3", "global_step2", 29547)])
+def test_resume_under_sharding_continues_the_run_exactly(tmp_path, config, checkpoint_file, port):
+    """Two ranks under accelerate's FSDP2 (launch/accelerate/fsdp2.yaml; tests/distributed/fsdp_cpu.py) or DeepSpeed
+    ZeRO-3 (zero3.yaml): EPO stopped after step 2 and resumed from its sharded checkpoint (FSDP's model and
+    optimizer files, or DeepSpeed's partitioned states; each rank's RNG, EPO's entropy history) logs and trains
+    exactly what an uninterrupted 3-step run does."""
     import os
     import subprocess
 
@@ -80,7 +83,7 @@ def test_resume_under_fsdp2_continues_the_run_exactly(tmp_path):
     from tests.distributed import launchers
 
     def train(out, port, *extra):
-        cmd = [*launchers.fsdp2(2, port), "-m", "posttrain", "train", GRPO.replace("grpo.yaml", "epo.yaml"),
+        cmd = [*launchers.accelerate(config, 2, port), "-m", "posttrain", "train", GRPO.replace("grpo.yaml", "epo.yaml"),
                "model.name_or_path=tiny-qwen2", "rollout.max_new_tokens=8", "trainer.per_device_train_batch_size=8",
                "trainer.save_steps=1", "eval.before=false", "eval.after=false", f"output_dir={out}", *extra]
         proc = subprocess.run(cmd, cwd=launchers.REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -89,10 +92,10 @@ def test_resume_under_fsdp2_continues_the_run_exactly(tmp_path):
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         return [h for h in history if "loss" in h], load_file(out / "adapter_model.safetensors")
 
-    train(tmp_path / "resumed", 29538, "trainer.max_steps=2")
-    assert (tmp_path / "resumed" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
-    resumed, w_resumed = train(tmp_path / "resumed", 29538, "trainer.max_steps=3", "--resume")
-    straight, w_straight = train(tmp_path / "straight", 29539, "trainer.max_steps=3")
+    train(tmp_path / "resumed", port, "trainer.max_steps=2")
+    assert (tmp_path / "resumed" / "checkpoint-2" / checkpoint_file).exists()
+    resumed, w_resumed = train(tmp_path / "resumed", port, "trainer.max_steps=3", "--resume")
+    straight, w_straight = train(tmp_path / "straight", port + 1, "trainer.max_steps=3")
     assert [h["step"] for h in resumed] == [1, 2, 3]
     for a, b in zip(resumed, straight, strict=True):
         assert {k: a[k] for k in ("loss", "num_tokens", "epo/h_bar") if k in a} == \

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from posttrain.distributed import sharding_from_recipe
+from posttrain.distributed import sharding_from_recipe, uses_deepspeed
 from posttrain.pipelines.base import (
     COMMON_OWNED_KEYS,
     Pipeline,
@@ -175,9 +175,10 @@ class ContinualPipeline(Pipeline):
                             "evaluates every task after each stage and saves each stage's weights on the main "
                             "process, which needs the whole model there (a sharded one would hang or save shards); "
                             "launch with DDP (launch/accelerate/multi_gpu.yaml)")
-        elif recipe.method != "sft" and t.get("ema", "dynamic") != "none" and t.get("deepspeed"):
-            problems.append("trainer.deepspeed: the EMA hook needs each tensor's full gradient at every optimizer "
-                            "step, which DeepSpeed ZeRO partitions; use DDP or trainer.ema: none")
+        elif recipe.method != "sft" and t.get("ema", "dynamic") != "none" and uses_deepspeed(t):
+            source = "trainer.deepspeed" if t.get("deepspeed") else "the accelerate launch config (DeepSpeed)"
+            problems.append(f"{source}: the EMA hook needs each tensor's full gradient at every optimizer step, "
+                            "which DeepSpeed ZeRO partitions; use DDP or trainer.ema: none")
         if recipe.method != "sft":
             ema = t.get("ema", "dynamic")
             if recipe.model.peft is None and t.get("expand_threshold", 0.9) is not None:

@@ -236,10 +236,12 @@ class RewardPipeline(Pipeline):
         """Each member's score mean and deviation on reference responses into ensemble.json: the chosen and
         rejected responses of the held-out pairs, else of up to CALIBRATION_PAIRS training pairs. The aggregates
         standardise with it (`calibration_stats` says why)."""
+        from posttrain.distributed import loading_whole
         from posttrain.rewards.ensemble import RewardEnsemble, calibration_stats
 
-        ensemble = RewardEnsemble.from_pretrained(ctx.output_dir, batch_size=ctx.recipe.eval.batch_size,
-                                                  normalize=False)
+        with loading_whole():  # on the main process alone, after a ZeRO-3 launch too
+            ensemble = RewardEnsemble.from_pretrained(ctx.output_dir, batch_size=ctx.recipe.eval.batch_size,
+                                                      normalize=False)
         if on_gpu():
             ensemble.to("cuda")
         if p.eval_ds is not None:

@@ -98,14 +98,18 @@ class RewardEnsembleConfig(RewardConfig):
 
 def init_reward_head(model: Any, seed: int) -> None:
     """Re-initialise the reward head from `seed`: normal(0, initializer_range) weights, zero bias (transformers'
-    initialisation of a new head), so that a member's head depends on its seed only."""
+    initialisation of a new head), so that a member's head depends on its seed only. Under ZeRO-3 (a model loaded
+    partitioned) the head is gathered for it: every rank calls this."""
+    from posttrain.distributed import gathered_for_update
+
     _, head = reward_head(model)
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
+    bias = getattr(head, "bias", None)
+    with gathered_for_update([head.weight] if bias is None else [head.weight, bias]), torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
+        if bias is not None:
+            bias.zero_()
 
 
 def head_features(model: Any, ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:

@@ -210,6 +210,16 @@ def test_a_sharded_accelerate_launch_is_refused_when_the_recipe_loads(tmp_path, 
                         if recipe == "tiny.yaml" else [f"output_dir={tmp_path}", "data.path=x"])
 
 
+def test_the_ema_under_a_deepspeed_accelerate_launch_is_refused_when_the_recipe_loads(tmp_path, monkeypatch):
+    """`accelerate launch --config_file launch/accelerate/zero2.yaml` (ZeRO-2: the weights stay whole, the gradients
+    are partitioned) reaches the recipe through the environment; without the EMA it trains."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(RecipeError, match=r"the accelerate launch config \(DeepSpeed\): the EMA hook needs"):
+        load_recipe(RECIPES / "tiny.yaml", [f"output_dir={tmp_path}", "data.path=x"])
+    assert load_recipe(RECIPES / "tiny.yaml", [f"output_dir={tmp_path}", "data.path=x", "trainer.ema=none"])
+
+
 def test_sft_is_the_one_stage_case(tmp_path):
     r = load_recipe(RECIPES / "multitask.yaml", [f"output_dir={tmp_path}", "data.path=x"])
     assert r.method == "sft" and r.data.schedule == "joint"

@@ -221,7 +221,7 @@ def test_grpo_under_fsdp2_serves_the_gathered_adapter(server, tmp_path):
     equal the trainer's at every step. With the sync made a no-op they were 0.2 nats apart (mean) from step 2 on."""
     from tests.trainers.grpo_methods_worker import launch, rank_files, read
 
-    launch(tmp_path, 2, ["lora:grpo:1:8:1:server"], 29535, fsdp2=True, POSTTRAIN_TEST_VLLM_URL=server)
+    launch(tmp_path, 2, ["lora:grpo:1:8:1:server"], 29535, config="fsdp2", POSTTRAIN_TEST_VLLM_URL=server)
     history, weights = read(tmp_path / "lora")
     assert len(history) == 4 and all(r["sharded"] for r in rank_files(tmp_path / "lora"))
     assert all(h["grad_norm"] > 0 for h in history[:3])  # every step before the last sync moved the adapter

@@ -116,6 +116,13 @@ def record_lengths(trainer, path: str) -> None:
     trainer._generate_single_turn = recorded
 
 
+def _local_numel(p) -> int:
+    """The elements of a parameter this rank holds: its DTensor shard (FSDP2), its ZeRO-3 partition, or all."""
+    if hasattr(p, "to_local"):
+        return p.to_local().numel()
+    return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+
+
 def _cpu_offloaded(model) -> list[bool]:
     """Whether each FSDP2 parameter group in the model (deduplicated) offloads to the CPU (fsdp2_offload.yaml)."""
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -160,8 +167,7 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
     with open(f"{out}/dist_rank{trainer.accelerator.process_index}.json", "w") as f:
         engine = getattr(trainer, "rollout_engine", None)
         json.dump({"distributed_type": str(trainer.accelerator.distributed_type), "sharded": needs_gather(trainer.model),
-                   "parameters": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                                     for p in trainer.model.parameters()),
+                   "parameters": sum(_local_numel(p) for p in trainer.model.parameters()),
                    "cpu_offload": _cpu_offloaded(trainer.model),
                    **({"engine_seed": engine.seed, "executor": str(engine.llm.llm_engine.vllm_config.parallel_config
                                                                    .distributed_executor_backend)}
@@ -176,14 +182,13 @@ def train(out: str, method: str, lora: bool, per_device: int, grad_accum: int, o
 
 # --- for the tests: launch the worker, read what it wrote ---
 
-def launch(out: Path, nproc: int, specs: list[str], port: int, fsdp2: bool = False, offload: bool = False,
-           **env: str) -> None:
-    """The SPECs in one launch of this worker: torchrun, or the shipped FSDP2 config (fsdp2_offload.yaml with
-    `offload`; tests/distributed/launchers.py); `env` adds to the environment."""
+def launch(out: Path, nproc: int, specs: list[str], port: int, config: str | None = None, **env: str) -> None:
+    """The SPECs in one launch of this worker: torchrun, or accelerate launch with launch/accelerate/<config>.yaml
+    (tests/distributed/launchers.py); `env` adds to the environment."""
     from tests.distributed import launchers
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **env}
-    prefix = launchers.fsdp2(nproc, port, offload) if fsdp2 else launchers.torchrun(nproc, port)
+    prefix = launchers.accelerate(config, nproc, port) if config else launchers.torchrun(nproc, port)
     cmd = [*prefix, __file__, str(out), *specs]
     proc = subprocess.run(cmd, cwd=launchers.REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

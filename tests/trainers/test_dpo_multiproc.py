@@ -3,7 +3,8 @@ global batch: the loss is a mean over pairs, DDP averages the gradients, TRL gat
 depends on the optimizer step only. Through `posttrain train` (the dpo pipeline) with LoRA and plain SGD (so that
 float rounding of the gradients is not amplified by Adam's g / sqrt(v)). The same under accelerate's FSDP2
 (launch/accelerate/fsdp2.yaml, the parameters sharded over the two ranks; tests/distributed/fsdp_cpu.py lets
-accelerate run it on CPU), the adapter saved whole."""
+accelerate run it on CPU) and under DeepSpeed ZeRO-3 (zero3.yaml: the model loads partitioned), the adapter saved
+whole."""
 
 import json
 import os
@@ -29,9 +30,11 @@ def _pairs(path: Path) -> Path:
     return path
 
 
-def _run(recipe: str, nproc: int, out: Path, pairs: Path, port: int, fsdp2: bool = False) -> tuple[list[dict], dict]:
+def _run(recipe: str, nproc: int, out: Path, pairs: Path, port: int, config: str | None = None
+         ) -> tuple[list[dict], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*(launchers.fsdp2 if fsdp2 else launchers.torchrun)(nproc, port), "-m", "posttrain", "train",
+    prefix = launchers.accelerate(config, nproc, port) if config else launchers.torchrun(nproc, port)
+    cmd = [*prefix, "-m", "posttrain", "train",
            recipe, "model.name_or_path=tiny-qwen2", f"data.train={pairs}",
            "data.eval=null", "data.task=null", "eval.before=false", "eval.after=false", "trainer.max_steps=3",
            f"trainer.per_device_train_batch_size={8 // nproc}", "trainer.optim=sgd", "trainer.learning_rate=0.5",
@@ -41,7 +44,7 @@ def _run(recipe: str, nproc: int, out: Path, pairs: Path, port: int, fsdp2: bool
     assert proc.stdout.count("resolved recipe") == 1  # printed by rank 0 only
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     launch = json.loads((out / "report" / "summary.json").read_text())["launch"]
-    assert (launch["processes"], launch["sharding"]) == (nproc, "fsdp" if fsdp2 else None), launch
+    assert (launch["processes"], launch["sharding"]) == (nproc, {"fsdp2": "fsdp", "zero3": "zero3"}.get(config)), launch
     return [h for h in history if "loss" in h], load_file(out / "adapter_model.safetensors")
 
 
@@ -55,8 +58,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, recipe, port
     if shift:
         assert [h["dpo_shift/f"] for h in one] == pytest.approx([0.75, 0.75 + 0.25 / 3, 0.75 + 0.5 / 3])
     assert one[-1]["rewards/margins"] > 0  # it trained
-    for launch, fsdp2 in (("two", False), ("fsdp2", True)):
-        two, w_two = _run(recipe, 2, tmp_path / launch, pairs, port + 1, fsdp2=fsdp2)
+    for launch, config in (("two", None), ("fsdp2", "fsdp2"), ("zero3", "zero3")):
+        two, w_two = _run(recipe, 2, tmp_path / launch, pairs, port + 1, config)
         assert len(one) == len(two) == 3
         if not shift:
             assert all("dpo_shift/f" not in h for h in one + two)
@@ -66,3 +69,23 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, recipe, port
         assert w_one.keys() == w_two.keys()
         for n in w_one:
             assert torch.allclose(w_one[n], w_two[n], atol=1e-6), (launch, n, (w_one[n] - w_two[n]).abs().max())
+
+
+@pytest.mark.multiproc
+def test_zero2_evaluates_the_held_out_pairs_before_and_after(tmp_path):
+    """Under DeepSpeed ZeRO-2 (launch/accelerate/zero2.yaml: the weights whole on every rank, the gradients and
+    optimizer state partitioned) the main process evaluates before and after training while the other rank waits:
+    the launch recipes/dpo/dpo_gpu.yaml documents."""
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "zero2"
+    cmd = [*launchers.accelerate("zero2", 2, 29548), "-m", "posttrain", "train", "recipes/dpo/dpo_shift_linear.yaml",
+           "model.name_or_path=tiny-qwen2", f"data.train={pairs}", f"data.eval={pairs}", "data.task=null",
+           "eval.before=true", "eval.after=true", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
+           f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["launch"]["distributed_type"] == "DEEPSPEED" and summary["launch"]["sharding"] is None
+    assert summary["pairs_before"]["n_pairs"] == summary["pairs_after"]["n_pairs"] == 8
+    assert summary["pairs_after"]["logps/chosen_change"] != 0  # it trained between the two evaluations
