@@ -11,6 +11,8 @@ Linears (r x (in + out) each). The estimate per GPU, in bytes:
                                                    keeps fp32 master weights + 2 fp32 states, 12 bytes; SGD: none)
     activations  tokens x L x a_layer + logits    (what autograd keeps for the backward, per micro-batch)
     generation   the colocated vLLM share of the GPU (gpu_memory_utilization), or the HF engine's KV cache
+    reference    P_base x b_w                     (a frozen copy of the model: DPO and GRPO with a KL term under full
+                                                   fine-tuning, as TRL loads it; / N under FSDP and ZeRO-3)
 
 with P all parameters, P_t the trainable ones (LoRA adapters are float32: PEFT upcasts them), tokens = rows x
 sequence length of one micro-batch (GRPO: prompt + completion; DPO and reward models: chosen and rejected), and per
@@ -85,6 +87,7 @@ class PlanInputs:
     device: str = "gpu"           # where the fused head runs: "gpu" (Triton kernels) or "cpu" (its torch fallback)
     vllm_share: float | None = None  # colocated vLLM's gpu_memory_utilization
     kv_rows: int = 0              # HF engine: sequences generated at once (their KV cache), when no vLLM
+    reference: bool = False       # the trainer keeps a frozen copy of the model (TRL's ref_model)
     overhead_gb: float = 1.5
 
 
@@ -98,6 +101,7 @@ class Strategy:
     activations: float
     generation: float
     overhead: float
+    reference: float = 0.0
     total: float = 0.0
     fits: bool = False
     notes: list[str] = field(default_factory=list)
@@ -201,21 +205,24 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> list[Strategy]:
         gen = 2 * shape.layers * shape.kv_width * inp.dtype_bytes * inp.kv_rows * inp.seq_len
     over = inp.overhead_gb * GB
     W, G = P * inp.dtype_bytes, trainable * b_t
+    R = shape.params * inp.dtype_bytes if inp.reference else 0.0  # TRL prepares it like the model, frozen
+    gathered_ref = ["+ the reference's whole weights during its forward (TRL shards it as one unit)"] if R else []
     rows = [
         ("single GPU" if n == 1 else "DDP", "single_gpu.yaml" if n == 1 else "multi_gpu.yaml", W, G,
-         trainable * torch_states, []),
-        ("ZeRO-2", "zero2.yaml", W, G / n, trainable * ds_states / n, []),
-        ("FSDP2", "fsdp2.yaml", W / n, G / n, trainable * torch_states / n, ["+ about 2 layers' gathered weights"]),
-        ("ZeRO-3", "zero3.yaml", W / n, G / n, trainable * ds_states / n, []),
+         trainable * torch_states, R, []),
+        ("ZeRO-2", "zero2.yaml", W, G / n, trainable * ds_states / n, R, []),  # TRL's reference: ZeRO stage 0
+        ("FSDP2", "fsdp2.yaml", W / n, G / n, trainable * torch_states / n, R / n,
+         ["+ about 2 layers' gathered weights", *gathered_ref]),
+        ("ZeRO-3", "zero3.yaml", W / n, G / n, trainable * ds_states / n, R / n, []),
     ]
     if n == 1:
-        rows = rows[:1] + [("FSDP2 + CPU offload", "fsdp2_offload.yaml", W / shape.layers * 2, G / n, 0.0,
-                            ["weights and optimizer state in CPU memory; much slower"])]
+        rows = rows[:1] + [("FSDP2 + CPU offload", "fsdp2_offload.yaml", W / shape.layers * 2, G / n, 0.0, R,
+                            ["weights and optimizer state in CPU memory; much slower", *gathered_ref])]
     out = []
-    for name, launch, w, g, o, notes in rows:
+    for name, launch, w, g, o, r, notes in rows:
         s = Strategy(name=name, launch=f"{LAUNCH}/{launch}", weights=w, gradients=g, optimizer=o, activations=act,
-                     generation=gen, overhead=over, notes=list(notes))
-        s.total = w + g + o + act + gen + over
+                     generation=gen, overhead=over, reference=r, notes=list(notes))
+        s.total = w + g + o + act + gen + r + over
         s.fits = s.total <= gpu
         out.append(s)
     return out
@@ -259,7 +266,7 @@ def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhe
                       scored_tokens=scored, gradient_checkpointing=bool(t.get("gradient_checkpointing", False)),
                       lm_head="fused" if get_pipeline(kind).fused_lm_head else "logits",
                       vllm_share=vllm_share, kv_rows=rows if kind == "grpo" and vllm_share is None else 0,
-                      overhead_gb=overhead_gb)
+                      reference=get_pipeline(kind).keeps_reference_copy(recipe), overhead_gb=overhead_gb)
 
 
 def plan_recipe(recipe: Any, *, gpus: int = 1, gpu_memory_gb: float = 80.0, overhead_gb: float = 1.5,
@@ -300,15 +307,17 @@ def render_table(plan: dict[str, Any]) -> str:
                                  "; full fine-tuning"),
              f"per GPU: {inp['rows']} sequences x {inp['seq_len']} tokens, {inp['dtype_bytes']}-byte weights, "
              f"optimizer {inp['optimizer']}, gradient checkpointing {'on' if inp['gradient_checkpointing'] else 'off'}"
-             + (f", colocated vLLM {inp['vllm_share']:g} of the GPU" if inp["vllm_share"] else ""),
+             + (f", colocated vLLM {inp['vllm_share']:g} of the GPU" if inp["vllm_share"] else "")
+             + (", a frozen reference copy of the model" if inp["reference"] else ""),
              f"{inp['gpus']} GPU(s) of {inp['gpu_memory_gb']:g} GB", "",
              f"{'strategy':<20} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'generation':>10} "
-             f"{'other':>6} {'total GB':>9}  fits  launch config"]
+             + (f"{'ref.':>6} " if inp["reference"] else "") + f"{'other':>6} {'total GB':>9}  fits  launch config"]
     for s in plan["strategies"]:
-        cells = [s[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "generation", "overhead",
-                                     "total")]
+        cells = [s[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "generation", "reference",
+                                     "overhead", "total")]
         lines.append(f"{s['name']:<20} {cells[0]:>8.2f} {cells[1]:>8.2f} {cells[2]:>8.2f} {cells[3]:>8.2f} "
-                     f"{cells[4]:>10.2f} {cells[5]:>6.2f} {cells[6]:>9.2f}  {'yes' if s['fits'] else 'no ':<4}  "
+                     f"{cells[4]:>10.2f} " + (f"{cells[5]:>6.2f} " if inp["reference"] else "")
+                     + f"{cells[6]:>6.2f} {cells[7]:>9.2f}  {'yes' if s['fits'] else 'no ':<4}  "
                      f"{s['launch']}" + (f"  ({'; '.join(s['notes'])})" if s["notes"] else ""))
     rec = plan["recommended"]
     lines += ["", f"recommended: {rec['strategy']}: accelerate launch --config_file {rec['launch']} -m posttrain train "

@@ -89,6 +89,11 @@ class Pipeline:
         ranks from the moment it loads, so only an own copy lets the main process evaluate alone. Default: no."""
         return False
 
+    def keeps_reference_copy(self, recipe: Recipe) -> bool:
+        """Whether its trainer keeps a frozen copy of the model beside the trained one (the reference of a KL term
+        or a preference loss); `posttrain plan` counts its weights. Default: no."""
+        return False
+
     def resume_point(self, recipe: Recipe, resume: str | bool | None, force: bool = False) -> str | bool | None:
         """What `--resume` means for this kind, checked before anything loads. Default: one trainer's checkpoints
         (`posttrain.checkpoints.resolve_resume`: the last or a given checkpoint-N, refused when the recipe

