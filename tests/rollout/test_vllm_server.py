@@ -214,14 +214,16 @@ def test_full_sync_on_cpu_says_what_it_needs(engine, path):
 
 
 @pytest.mark.multiproc
-def test_grpo_under_fsdp2_serves_the_gathered_adapter(server, tmp_path):
+@pytest.mark.parametrize("config, port", [("fsdp2", 29535), ("zero3", 29549)])
+def test_grpo_under_sharding_serves_the_gathered_adapter(server, tmp_path, config, port):
     """GRPO with LoRA in two processes under accelerate's FSDP2 (the adapter sharded over the ranks;
-    tests/distributed/fsdp_cpu.py), generating through the server: before each generation every rank takes part in
-    gathering the adapter, the main process loads it on the server, and the server's sampled-token log-probs then
-    equal the trainer's at every step. With the sync made a no-op they were 0.2 nats apart (mean) from step 2 on."""
+    tests/distributed/fsdp_cpu.py) or DeepSpeed ZeRO-3 (partitioned), generating through the server: before each
+    generation every rank takes part in gathering the adapter, the main process loads it on the server, and the
+    server's sampled-token log-probs then equal the trainer's at every step. With the sync made a no-op they were
+    0.2 nats apart (mean) from step 2 on (FSDP2)."""
     from tests.trainers.grpo_methods_worker import launch, rank_files, read
 
-    launch(tmp_path, 2, ["lora:grpo:1:8:1:server"], 29535, config="fsdp2", POSTTRAIN_TEST_VLLM_URL=server)
+    launch(tmp_path, 2, ["lora:grpo:1:8:1:server"], port, config=config, POSTTRAIN_TEST_VLLM_URL=server)
     history, weights = read(tmp_path / "lora")
     assert len(history) == 4 and all(r["sharded"] for r in rank_files(tmp_path / "lora"))
     assert all(h["grad_norm"] > 0 for h in history[:3])  # every step before the last sync moved the adapter
