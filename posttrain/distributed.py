@@ -167,31 +167,28 @@ def needs_gather(model: Any) -> bool:
 
 
 @contextmanager
-def _gathered(model: Any, names: Callable[[str], bool] | None = None) -> Iterator[None]:
-    """ZeRO-3: the parameters (those whose name `names` accepts) gathered read-only inside the block; a collective,
-    so every rank enters it."""
-    params = [p for n, p in model.named_parameters() if _is_zero3_param(p) and (names is None or names(n))]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-@contextmanager
-def gathered_for_update(params: Sequence[Any]) -> Iterator[None]:
-    """The ZeRO-3 parameters among `params` whole inside the block, and partitioned again after it with the values
-    the main process wrote into them; a collective, so every rank enters it. Other parameters as they are."""
+def _zero3_gathered(params: Sequence[Any], modifier_rank: int | None) -> Iterator[None]:
+    """The ZeRO-3 parameters among `params` whole inside the block (a collective: every rank enters it); with a
+    modifier rank, partitioned again after it with the values that rank wrote. Other parameters as they are."""
     zero3 = [p for p in params if _is_zero3_param(p)]
     if not zero3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank):
         yield
+
+
+def _gathered(model: Any, names: Callable[[str], bool] | None = None) -> Any:
+    """ZeRO-3: the parameters (those whose name `names` accepts) gathered read-only inside the block."""
+    return _zero3_gathered([p for n, p in model.named_parameters() if names is None or names(n)], None)
+
+
+def gathered_for_update(params: Sequence[Any]) -> Any:
+    """The ZeRO-3 parameters among `params` whole inside the block, and partitioned again after it with the values
+    the main process wrote into them; a collective, so every rank enters it. Other parameters as they are."""
+    return _zero3_gathered(params, 0)
 
 
 def _full(t: Any) -> Any:

@@ -237,6 +237,7 @@ def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhe
 
     t = recipe.trainer
     kind = get_method(recipe.method).kind
+    pipeline = get_pipeline(kind)
     rows = int(t.get("per_device_train_batch_size", 8))
     if kind == "grpo":
         r = recipe.rollout
@@ -264,9 +265,9 @@ def plan_inputs_from_recipe(recipe: Any, gpus: int, gpu_memory_gb: float, overhe
     return PlanInputs(gpus=gpus, gpu_memory_gb=gpu_memory_gb, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
                       lora=recipe.model.peft is not None, optimizer=optimizer, rows=rows, seq_len=seq,
                       scored_tokens=scored, gradient_checkpointing=bool(t.get("gradient_checkpointing", False)),
-                      lm_head="fused" if get_pipeline(kind).fused_lm_head else "logits",
+                      lm_head="fused" if pipeline.fused_lm_head else "logits",
                       vllm_share=vllm_share, kv_rows=rows if kind == "grpo" and vllm_share is None else 0,
-                      reference=get_pipeline(kind).keeps_reference_copy(recipe), overhead_gb=overhead_gb)
+                      reference=pipeline.keeps_reference_copy(recipe), overhead_gb=overhead_gb)
 
 
 def plan_recipe(recipe: Any, *, gpus: int = 1, gpu_memory_gb: float = 80.0, overhead_gb: float = 1.5,

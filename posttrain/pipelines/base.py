@@ -204,7 +204,7 @@ def to_accelerator(model: Any) -> Any:
 
 def run_figures(trainer: Any) -> dict[str, Any]:
     """A trained run's speed and memory (`perf`, when its steps logged them) and how it was launched (`launch`:
-    processes, distributed type, sharding, device)."""
+    processes, distributed type, sharding, offload, device)."""
     from posttrain.distributed import launch_summary
     from posttrain.trainers.perf import perf_summary
 
