@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 __all__ = ["ShardedTrainingError", "colocated_vllm_setup", "describe_launch", "full_state_dict", "launch_summary",
            "main_process_only", "needs_gather", "rank_info", "sharded_training", "sharding_from_recipe",
-           "wait_for_main"]
+           "wait_for_main", "zero_stage"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,20 +111,30 @@ def offloaded(accelerator: Any) -> list[str]:
     return out
 
 
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage (0-3) this accelerator trains under, None when it does not use DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    return None if plugin is None or stage is None else int(stage)
+
+
 def launch_summary(accelerator: Any) -> dict[str, Any]:
     """How a run was launched, for its summary and report: the number of processes, accelerate's distributed type,
-    the parameters' sharding ("fsdp" / "zero3" / None), what is offloaded to CPU memory and the device type."""
+    the DeepSpeed ZeRO stage (None without DeepSpeed), the parameters' sharding ("fsdp" / "zero3" / None), what is
+    offloaded to CPU memory and the device type."""
     kind = accelerator.distributed_type
     return {"processes": int(accelerator.num_processes), "distributed_type": getattr(kind, "value", str(kind)),
-            "sharding": sharded_training(accelerator), "offload": offloaded(accelerator),
-            "device": accelerator.device.type}
+            "zero_stage": zero_stage(accelerator), "sharding": sharded_training(accelerator),
+            "offload": offloaded(accelerator), "device": accelerator.device.type}
 
 
 def describe_launch(launch: Mapping[str, Any]) -> str:
     """One line for a run report: 'Launch: 2 processes (FSDP, parameters sharded) on cuda; the memory figures are
-    the main process's.'"""
+    the main process's.' A DeepSpeed launch names its ZeRO stage: 'DEEPSPEED ZeRO-2'."""
     n = launch["processes"]
-    how = [launch["distributed_type"]] if n > 1 else []
+    how = [launch["distributed_type"]] if n > 1 or launch["distributed_type"] != "NO" else []
+    if how and launch.get("zero_stage") is not None:
+        how[0] += f" ZeRO-{launch['zero_stage']}"
     if launch.get("sharding"):
         how.append("parameters sharded")
     if launch.get("offload"):

@@ -143,8 +143,8 @@ def test_quickstart_pipeline_on_tiny_model(tmp_path):
         assert seen == pytest.approx(tokens[i + 1] - tokens[i], rel=1e-6)
     assert summary["perf"]["peak_memory_gb"] == max(h["perf/peak_memory_gb"] for h in logged)
     assert "Median step" in (report / "README.md").read_text()
-    assert summary["launch"] == {"processes": 1, "distributed_type": "NO", "sharding": None, "offload": [],
-                                 "device": "cpu"}
+    assert summary["launch"] == {"processes": 1, "distributed_type": "NO", "zero_stage": None, "sharding": None,
+                                 "offload": [], "device": "cpu"}
     assert "Launch: 1 process on cpu." in (report / "README.md").read_text()
     assert (tmp_path / "adapter_model.safetensors").is_file()  # the quickstart trains a LoRA adapter
     assert (report / "recipe.yaml").is_file() and "accuracy" in (report / "README.md").read_text()

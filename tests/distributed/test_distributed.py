@@ -149,13 +149,13 @@ def test_launch_summary_and_its_report_line():
 
     one = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO, device=torch.device("cpu"),
                           state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=None))
-    assert launch_summary(one) == {"processes": 1, "distributed_type": "NO", "sharding": None, "offload": [],
-                                   "device": "cpu"}
+    assert launch_summary(one) == {"processes": 1, "distributed_type": "NO", "zero_stage": None, "sharding": None,
+                                   "offload": [], "device": "cpu"}
     assert describe_launch(launch_summary(one)) == "Launch: 1 process on cpu."
     fsdp = SimpleNamespace(num_processes=8, distributed_type=DistributedType.FSDP, device=torch.device("cuda", 3),
                            is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=object(), deepspeed_plugin=None))
-    assert launch_summary(fsdp) == {"processes": 8, "distributed_type": "FSDP", "sharding": "fsdp", "offload": [],
-                                    "device": "cuda"}
+    assert launch_summary(fsdp) == {"processes": 8, "distributed_type": "FSDP", "zero_stage": None,
+                                    "sharding": "fsdp", "offload": [], "device": "cuda"}
     assert describe_launch(launch_summary(fsdp)) == ("Launch: 8 processes (FSDP, parameters sharded) on cuda; the "
                                                      "memory figures are the main process's.")
     offload = SimpleNamespace(num_processes=8, distributed_type=DistributedType.FSDP, device=torch.device("cuda"),
@@ -169,12 +169,17 @@ def test_launch_summary_and_its_report_line():
                             state=SimpleNamespace(fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(
                                 zero_stage=3, offload_param_device="none", offload_optimizer_device="none",
                                 deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})))
-    assert launch_summary(zero3)["offload"] == ["optimizer state"]
+    assert launch_summary(zero3)["offload"] == ["optimizer state"] and launch_summary(zero3)["zero_stage"] == 3
     assert describe_launch(launch_summary(zero3)) == (
-        "Launch: 4 processes (DEEPSPEED, parameters sharded, optimizer state offloaded to CPU memory) on cuda; the "
+        "Launch: 4 processes (DEEPSPEED ZeRO-3, parameters sharded, optimizer state offloaded to CPU memory) on cuda; the "
         "memory figures are the main process's.")
     ddp = {"processes": 2, "distributed_type": "MULTI_CPU", "sharding": None, "device": "cpu"}
     assert describe_launch(ddp) == "Launch: 2 processes (MULTI_CPU) on cpu; the memory figures are the main process's."
+    zero2_one_gpu = SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED,
+                                    device=torch.device("cuda"), state=SimpleNamespace(
+                                        fsdp_plugin=None, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    assert launch_summary(zero2_one_gpu)["zero_stage"] == 2 and launch_summary(zero2_one_gpu)["sharding"] is None
+    assert describe_launch(launch_summary(zero2_one_gpu)) == "Launch: 1 process (DEEPSPEED ZeRO-2) on cuda."
 
 
 def test_eval_callback_refuses_a_sharded_trainer(tmp_path):

@@ -75,7 +75,7 @@ def test_the_fsdp2_offload_config_trains_a_recipe_and_its_report_says_so(tmp_pat
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["launch"] == {"processes": 2, "distributed_type": "FSDP", "sharding": "fsdp",
+    assert summary["launch"] == {"processes": 2, "distributed_type": "FSDP", "zero_stage": None, "sharding": "fsdp",
                                  "offload": ["parameters", "gradients", "optimizer state"], "device": "cpu"}
     assert ("Launch: 2 processes (FSDP, parameters sharded, parameters, gradients and optimizer state offloaded to "
             "CPU memory) on cpu") in (out / "report" / "README.md").read_text()

@@ -87,5 +87,7 @@ def test_zero2_evaluates_the_held_out_pairs_before_and_after(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["launch"]["distributed_type"] == "DEEPSPEED" and summary["launch"]["sharding"] is None
+    assert summary["launch"]["zero_stage"] == 2
+    assert "Launch: 2 processes (DEEPSPEED ZeRO-2) on cpu" in (out / "report" / "README.md").read_text()
     assert summary["pairs_before"]["n_pairs"] == summary["pairs_after"]["n_pairs"] == 8
     assert summary["pairs_after"]["logps/chosen_change"] != 0  # it trained between the two evaluations
