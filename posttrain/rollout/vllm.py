@@ -538,6 +538,20 @@ def _on_each(urls: Sequence[str], call: Callable[[str], T]) -> list[T]:
         return list(pool.map(call, urls))
 
 
+def _same_model(served: str, expected: str) -> bool:
+    """Whether a server's model id names the model `expected` (a Hub name, a folder, or a posttrain shipped name,
+    whose cached folder the server may have been given)."""
+    if served == expected:
+        return True
+    from posttrain.models.registry import NAMED_MODELS, cache_dir
+
+    folder = cache_dir() / expected if expected in NAMED_MODELS else Path(expected)
+    try:
+        return os.path.samefile(served, folder)
+    except OSError:
+        return False
+
+
 class VLLMServerEngine(_Follows, _TextPrompts):
     """Generates through running `vllm serve` servers (OpenAI-compatible /v1/completions with token-id prompts).
 
@@ -552,11 +566,15 @@ class VLLMServerEngine(_Follows, _TextPrompts):
     read (same machine or a shared filesystem).
     Full-weight sync goes through TRL's VLLMClient (NCCL): it needs a CUDA GPU on the trainer side and one server
     started with `trl vllm-serve` (weight_sync_url when it differs from base_url).
+
+    `expected_model` (the trained or evaluated model's name or path; make_engine passes it) must be what the servers
+    serve, unless `model_name` names the served model explicitly: a server of other weights would otherwise
+    generate every rollout silently.
     """
 
     def __init__(self, base_url: str | Sequence[str], tokenizer: Any, *, model_name: str | None = None,
                  timeout: float = 600.0, entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, adapter_dir: str | None = None,
-                 weight_sync_url: str | None = None, group_port: int = 51216):
+                 weight_sync_url: str | None = None, group_port: int = 51216, expected_model: str | None = None):
         import requests
 
         self.servers = server_urls(base_url)
@@ -574,6 +592,12 @@ class VLLMServerEngine(_Follows, _TextPrompts):
             raise ValueError("the vLLM servers serve different models: " + ", ".join(
                 f"{url} serves {c['id']!r}" for url, c in zip(self.servers, cards)) + "; set model_name")
         self.model_name: str = cards[0]["id"]
+        if model_name is None and expected_model is not None and not _same_model(self.model_name, expected_model):
+            raise ValueError(
+                f"the vLLM server at {self.servers[0]} serves {self.model_name!r}, not the model this run uses "
+                f"({expected_model!r}, model.name_or_path): start the server with it (launch/vllm_server.sh "
+                f"{expected_model}), or, if the server holds the same weights under another name, set "
+                f"rollout.vllm.model_name: {self.model_name}")
         lengths = [c["max_model_len"] for c in cards if c.get("max_model_len") is not None]
         self.max_model_len: int | None = min(lengths) if lengths else None
         self.vocab_size = len(tokenizer)

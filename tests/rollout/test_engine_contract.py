@@ -26,6 +26,33 @@ def test_server_that_does_not_serve_the_model_names_what_it_serves(monkeypatch):
     assert engine.model_name == "a/b" and engine.context_length == 128
 
 
+def test_server_of_other_weights_is_refused_unless_model_name_says_which(monkeypatch, tmp_path):
+    """make_engine passes the trained model as expected_model: a server of another model would generate every
+    rollout of the run silently. The same folder under another spelling, or a shipped name's cached folder, is
+    the same model; model_name is the way to vouch for a served name that is neither."""
+    from posttrain.rollout import make_engine
+
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models" / "tiny-qwen2").mkdir(parents=True)  # where the shipped name's folder is
+    engine_cls = _server(monkeypatch, {"http://a:1": [{"id": "Qwen/Qwen2.5-Math-1.5B"}],
+                                       "http://b:1": [{"id": str(folder)}],
+                                       "http://c:1": [{"id": str(tmp_path / "cache" / "models" / "tiny-qwen2")}]})
+    with pytest.raises(ValueError, match=r"http://a:1 serves 'Qwen/Qwen2.5-Math-1.5B', not the model this run uses "
+                                         r"\('Qwen/Qwen2.5-1.5B-Instruct', model.name_or_path\).*"
+                                         r"rollout.vllm.model_name: Qwen/Qwen2.5-Math-1.5B"):
+        make_engine("vllm", "Qwen/Qwen2.5-1.5B-Instruct", [0] * 10, mode="server", base_url="http://a:1")
+    assert make_engine("vllm", "Qwen/Qwen2.5-Math-1.5B", [0] * 10, mode="server", base_url="http://a:1")
+    assert make_engine("vllm", "Qwen/Qwen2.5-1.5B-Instruct", [0] * 10, mode="server", base_url="http://a:1",
+                       model_name="Qwen/Qwen2.5-Math-1.5B").model_name == "Qwen/Qwen2.5-Math-1.5B"
+    assert make_engine("vllm", f"{tmp_path}/../{tmp_path.name}/qwen/", [0] * 10, mode="server", base_url="http://b:1")
+    assert make_engine("vllm", "tiny-qwen2", [0] * 10, mode="server", base_url="http://c:1")
+    with pytest.raises(ValueError, match="not the model this run uses"):
+        make_engine("vllm", str(tmp_path), [0] * 10, mode="server", base_url="http://b:1")
+    assert engine_cls("http://a:1", tokenizer=[0] * 10)  # the engine alone, as a client: whatever is served
+
+
 def test_adapter_names_are_unique_per_engine(monkeypatch, tmp_path):
     """A resumed trainer builds a new engine whose version counter restarts; the server keeps adapters by name."""
     from posttrain.rollout import vllm
