@@ -3,14 +3,16 @@
 # and print the `rollout:` section to put in a recipe.
 #
 #   launch/vllm_server.sh MODEL [--port 8000] [--host 0.0.0.0] [--max-lora-rank 16] [--gpu-memory 0.9]
-#                               [--max-model-len auto] [--tensor-parallel 1] [--no-lora] [--wait 900]
-#                               [-- MORE_VLLM_ARGS...]
+#                               [--max-model-len auto] [--tensor-parallel 1] [--no-lora] [--full-weights]
+#                               [--wait 900] [-- MORE_VLLM_ARGS...]
 #
 # The flags are the ones the engine needs: --logprobs-mode processed_logprobs (the sampled-token log-probs TRL's
 # importance-sampling correction compares with the trainer's forward), token-id prompts and outputs (always on),
 # and for LoRA training --enable-lora --max-lora-rank R with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, so that the
 # trainer's main process pushes each step's adapter through /v1/load_lora_adapter. The adapter folder must be on a
-# filesystem the server reads (set rollout.vllm.adapter_dir to it). The server takes the whole GPU share given
+# filesystem the server reads (set rollout.vllm.adapter_dir to it). Full fine-tuning: --full-weights adds vLLM's
+# NCCL weight-transfer engine and development endpoints (what `trl vllm-serve` adds), through which the trainer's
+# main process pushes every step's weights (one server; CUDA on both sides). The server takes the whole GPU share given
 # (--gpu-memory, default 0.9): it runs on its own GPUs, apart from training. --max-model-len auto (the default)
 # takes the model's own context length, or the longest that fits the KV cache. Several servers of the same model
 # (other GPUs or nodes, other ports): list all their URLs in base_url; the training ranks spread over them.
@@ -19,12 +21,12 @@
 # are (e.g. -- --dtype bfloat16 --max-num-seqs 512).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 [[ $# -ge 1 ]] || usage 2
 [[ $1 == -h || $1 == --help ]] && usage 0
 MODEL=$1; shift
 MORE=()
-PORT=8000; HOST=0.0.0.0; MAX_LORA_RANK=16; GPU_MEMORY=0.9; MAX_MODEL_LEN=auto; TP=1; LORA=1; WAIT=900
+PORT=8000; HOST=0.0.0.0; MAX_LORA_RANK=16; GPU_MEMORY=0.9; MAX_MODEL_LEN=auto; TP=1; LORA=1; FULL=0; WAIT=900
 while [[ $# -gt 0 ]]; do
   case $1 in
     --port) PORT=$2; shift 2 ;;
@@ -34,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --max-model-len) MAX_MODEL_LEN=$2; shift 2 ;;
     --tensor-parallel) TP=$2; shift 2 ;;
     --no-lora) LORA=0; shift ;;
+    --full-weights) FULL=1; shift ;;
     --wait) WAIT=$2; shift 2 ;;
     --) shift; MORE=("$@"); break ;;
     *) echo "vllm_server.sh: unknown option $1" >&2; usage 2 ;;
@@ -47,16 +50,21 @@ cmd=("$PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL" --host "$H
 if [[ $LORA == 1 ]]; then
   cmd+=(--enable-lora --max-lora-rank "$MAX_LORA_RANK")
 fi
+ENV=(VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
+if [[ $FULL == 1 ]]; then
+  cmd+=(--weight-transfer-config '{"backend": "nccl"}')
+  ENV+=(VLLM_SERVER_DEV_MODE=1)
+fi
 cmd+=("${MORE[@]}")
 ADVERTISED=${ADVERTISED_HOST:-$(hostname -f 2>/dev/null || hostname)}
 [[ $HOST != 0.0.0.0 ]] && ADVERTISED=$HOST
 URL="http://$ADVERTISED:$PORT"
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-  echo "+ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True ${cmd[*]} &"
+  echo "+ ${ENV[*]} ${cmd[*]} &"
   echo "+ wait for $URL/health (up to $WAIT s)"
 else
-  VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "${cmd[@]}" &
+  env "${ENV[@]}" "${cmd[@]}" &
   SERVER_PID=$!
   trap 'kill $SERVER_PID 2>/dev/null' INT TERM
   start=$SECONDS

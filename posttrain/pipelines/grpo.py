@@ -92,7 +92,7 @@ def _server_problems(recipe: Recipe) -> list[str]:
         return [f"rollout.vllm.{key}: {err}"]
     if len(urls) > 1 and recipe.model.peft is None:
         return [f"rollout.vllm.{key}: {len(urls)} servers need LoRA training (model.peft), whose adapter is loaded "
-                "on every server after each step; full-weight sync goes to one `trl vllm-serve` server over NCCL"]
+                "on every server after each step; full-weight sync goes to one server over NCCL"]
     return []
 
 
@@ -108,6 +108,8 @@ def _rollout_engine(recipe: Recipe, tokenizer: Any) -> Any:
     if m.peft is not None:
         options.update(enable_lora=True, max_lora_rank=m.peft.r)
     options.update(_vllm_options(recipe.rollout)[0])
+    if options.get("mode", "colocate") == "server" and m.peft is None:
+        options.setdefault("full_weight_sync", True)  # its server is checked before the first step
     if options.get("mode", "colocate") == "colocate" and on_gpu():
         # vLLM's own default (0.9 of the GPU) leaves the colocated training step nothing; TRL's colocate default
         options.setdefault("gpu_memory_utilization", COLOCATED_GPU_MEMORY_SHARE)

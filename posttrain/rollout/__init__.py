@@ -25,7 +25,8 @@ def make_engine(kind: str, model: Any, tokenizer: Any = None, **options: Any) ->
     hf: `model` is a loaded model (or a name/path, loaded here); options go to HFEngine (batch_size, ...).
     vllm: `model` is a model directory or name, or a loaded model (its weights are pushed once); options go
     to VLLMEngine (dtype, max_model_len, enable_lora, max_lora_rank, gpu_memory_utilization, ...). With
-    `mode="server"` it is a VLLMServerEngine for `base_url` (or `server_host`/`server_port`) instead.
+    `mode="server"` it is a VLLMServerEngine for `base_url` (or `server_host`/`server_port`) instead
+    (`full_weight_sync=True` when it will take full weights: its server is checked when the engine starts).
     """
     options = {_ALIASES.get(k, k): v for k, v in options.items()}
     if kind == "hf":

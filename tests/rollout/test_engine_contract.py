@@ -237,3 +237,76 @@ def test_flat_topk_stats_equal_the_per_position_dict_computation():
         first_token = flat.token_ids[flat.start_indices[pos]]
         assert sampled[pos] == top[first_token][0]
         assert estimate[pos] == pytest.approx(topk_entropy(top, k, vocab)[0], rel=1e-12, abs=1e-12)
+
+
+class _Info:
+    """GET /server_info: 404 without vLLM's development endpoints, else its config with `weight_transfer`."""
+
+    def __init__(self, status, weight_transfer=None):
+        self.status, self.weight_transfer, self.asked = status, weight_transfer, []
+
+    def get(self, url, params=None, timeout=None):
+        self.asked.append(url)
+        body = {"vllm_config": {"weight_transfer_config": self.weight_transfer}}
+        return SimpleNamespace(status_code=self.status, ok=self.status == 200, json=lambda: body)
+
+
+@pytest.mark.parametrize("info, problem", [(_Info(404), "no development endpoints"),
+                                           (_Info(200), "no weight-transfer engine"),
+                                           (_Info(200, {"backend": "nccl"}), None)])
+def test_full_weight_sync_checks_its_server_when_the_engine_starts(monkeypatch, info, problem):
+    """A trainer of full weights learns before its first step that the server cannot take them (TRL's client
+    finds out at the first sync, after a step), with the flags that fix it."""
+    import requests
+
+    engine_cls = _server(monkeypatch, [{"id": "m"}])
+    monkeypatch.setattr(requests, "Session", lambda: info)
+    if problem is None:
+        engine = engine_cls("http://a:1", tokenizer=[0] * 10, full_weight_sync=True)
+        assert engine.weight_sync_url == "http://a:1" and info.asked == ["http://a:1/server_info"]
+    else:
+        with pytest.raises(RuntimeError, match=rf"http://a:1 cannot take full-weight sync \({problem}\): start it "
+                                               r"with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config.*"
+                                               r"launch/vllm_server.sh MODEL --full-weights"):
+            engine_cls("http://a:1", tokenizer=[0] * 10, full_weight_sync=True)
+    assert engine_cls("http://a:1", tokenizer=[0] * 10)  # LoRA sync (files) asks nothing of the kind
+    with pytest.raises(ValueError, match="full-weight sync goes to one vLLM server"):
+        engine_cls("http://a:1,http://b:1", tokenizer=[0] * 10, full_weight_sync=True)
+
+
+def test_full_weight_sync_is_one_update_of_every_parameter(monkeypatch):
+    """As TRL's own server sync: the server is told every tensor (name, dtype, shape) and takes them in one update
+    (one packed NCCL broadcast), then its prefix cache is reset; the NCCL group is set up at the first sync only."""
+    import trl.generation.vllm_client as trl_client
+
+    calls = []
+
+    class Client:
+        def __init__(self, base_url, group_port):
+            calls.append(("client", base_url, group_port))
+
+        def init_communicator(self, device):
+            calls.append(("init", device))
+
+        def update_named_params(self, metadata, named_params):
+            calls.append(("update", metadata, [(n, t.clone()) for n, t in named_params]))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset",))
+
+    monkeypatch.setattr(trl_client, "VLLMClient", Client)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    engine = _server(monkeypatch, [{"id": "m"}])("http://a:1", tokenizer=[0] * 10, weight_sync_url="http://a:2")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False)).to(torch.bfloat16)
+    for _ in range(2):
+        engine.sync_weights(model)
+        with torch.no_grad():
+            model[1].weight.add_(1.0)
+    assert [c[0] for c in calls] == ["client", "init", "update", "reset", "update", "reset"]
+    assert calls[0] == ("client", "http://a:2", 51216)
+    metadata = [("0.weight", "bfloat16", [4, 3]), ("0.bias", "bfloat16", [4]), ("1.weight", "bfloat16", [2, 4])]
+    assert calls[2][1] == calls[4][1] == metadata
+    first, second = dict(calls[2][2]), dict(calls[4][2])
+    assert list(first) == [m[0] for m in metadata]
+    assert torch.equal(second["1.weight"], first["1.weight"] + 1) and torch.equal(second["0.bias"], first["0.bias"])

@@ -206,11 +206,14 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_working(engine, tok)
     assert len(engine.generate_ids(_prompt_ids(tok, 1), _sampling(n=1))) == 1
 
 
-def test_full_sync_on_cpu_says_what_it_needs(engine, path):
+def test_full_sync_on_cpu_says_what_it_needs(engine, server, tok, path):
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the full sync goes through NCCL to a `trl vllm-serve` server")
+        pytest.skip("on a GPU the full sync goes through NCCL to a server with vLLM's weight-transfer engine")
     with pytest.raises(RuntimeError, match="NCCL"):
         engine.sync_weights(load_model(path, dtype="float32"))
+    # a trainer of full weights is told when its engine starts that this server (no --full-weights) cannot take them
+    with pytest.raises(RuntimeError, match=r"cannot take full-weight sync \(no development endpoints\)"):
+        VLLMServerEngine(server, tok, full_weight_sync=True)
 
 
 @pytest.mark.multiproc
