@@ -297,10 +297,12 @@ def test_multi_node_script_runs_a_job_here(tmp_path):
     assert launch["processes"] == 2  # one a "node", in one process group
 
 
-def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str, server: str | None = None
+                      ) -> tuple[subprocess.CompletedProcess, list[str]]:
     """multi_node.sbatch's control flow alone, on three "nodes" (127.0.0.1): a stand-in `srun` runs a plain HTTP
-    server for the vLLM server (its /health answers), the shell code `rank0` / `rank1` for the training launchers of
-    machine rank 0 / 1, and logs the evaluation step with whether the run's final marker existed by then."""
+    server for the vLLM server (its /health answers; or the shell code `server`), the shell code `rank0` / `rank1`
+    for the training launchers of machine rank 0 / 1, and logs the evaluation step with whether the run's final
+    marker existed by then."""
     web = tmp_path / "web"
     web.mkdir()
     (web / "health").write_text("ok")
@@ -310,7 +312,7 @@ def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str) -> tuple[subproces
     (fake / "srun").write_text(f'''#!/usr/bin/env bash
 while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; done
 case "$*" in
-  *vllm_server.sh*) exec {sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web} 2>/dev/null ;;
+  *vllm_server.sh*) {server or f"exec {sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web}"} ;;
   *"--machine_rank 0"*) {rank0} ;;
   *"--machine_rank 1"*) {rank1} ;;
   *"posttrain eval"*) if [[ -e {tmp_path}/final ]]; then echo "eval after the final model"; else echo "eval early"
@@ -353,3 +355,11 @@ def test_multi_node_script_ends_when_a_launcher_fails(tmp_path):
     done, steps = _stand_in_cluster(tmp_path, rank0="sleep 300", rank1="exit 3")
     assert done.returncode == 1 and "a training launcher failed" in done.stderr
     assert time.time() - started < 60 and steps == []
+
+
+def test_multi_node_script_ends_when_a_server_dies_before_it_is_healthy(tmp_path):
+    """A server that exits while the job waits for it (a bad flag, too little memory) ends the job with a message,
+    instead of a health check that waits forever; no training starts."""
+    done, steps = _stand_in_cluster(tmp_path, rank0=f"touch {tmp_path}/trained", rank1="true", server="exit 1")
+    assert done.returncode == 1 and "the vLLM server on 127.0.0.1 exited before it was healthy" in done.stderr
+    assert steps == [] and not (tmp_path / "trained").exists()

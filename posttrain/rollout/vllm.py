@@ -583,8 +583,8 @@ class VLLMServerEngine(_Follows, _TextPrompts):
 
         self.servers = server_urls(base_url)
         if (weight_sync_url is not None or full_weight_sync) and len(self.servers) > 1:
-            raise ValueError(f"full-weight sync goes to one vLLM server over NCCL, and base_url names "
-                             f"{len(self.servers)}; train a LoRA adapter (synced to every server as files) or "
+            raise ValueError(f"full-weight sync goes to one vLLM server over NCCL (weight_sync_url), and base_url "
+                             f"names {len(self.servers)}; train a LoRA adapter (synced to every server as files) or "
                              "generate with one server")
         rank, _, world = rank_info()
         self.share = server_share(self.servers, rank, world)  # the servers this rank generates on
