@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
-__all__ = ["ShardedTrainingError", "colocated_vllm_setup", "describe_launch", "full_state_dict", "launch_summary",
+__all__ = ["ShardedTrainingError", "colocated_vllm_setup", "describe_launch", "full_shape", "full_state_dict",
+           "full_tensors", "launch_summary",
            "main_process_only", "needs_gather", "rank_info", "sharded_training", "sharding_from_recipe",
            "wait_for_main", "zero_stage"]
 
@@ -205,6 +206,28 @@ def _full(t: Any) -> Any:
     """An FSDP2 DTensor's full tensor (an all-gather: every rank calls it in the same order); a tensor as it is."""
     full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else t
+
+
+def full_tensors(model: Any, entries: Callable[[Any], Iterable[tuple[str, Any]]] | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """(name, whole tensor) for each entry of the model's state dict (tied weights under each of their names), or of
+    `entries(model)`, gathered one at a time: a ZeRO-3 partition inside GatheredParameters for that one tensor, an
+    FSDP2 DTensor all-gathered by full_tensor(). The memory beyond the shards is one whole tensor, where
+    full_state_dict holds the whole model; a tensor stays whole only until the next one is asked for, so use it (send
+    it, copy it) at once. Collective under sharding: every rank iterates to the end, in the same order."""
+    items = entries(model) if entries is not None else model.state_dict(keep_vars=True).items()
+    for name, t in items:
+        if _is_zero3_param(t):
+            with _zero3_gathered([t], None):
+                yield name, t.data
+        else:
+            yield name, _full(t.detach())
+
+
+def full_shape(t: Any) -> list[int]:
+    """The whole shape of a tensor that may be a ZeRO-3 partition (ds_shape) or an FSDP2 DTensor (its global shape),
+    without gathering it."""
+    return list(getattr(t, "ds_shape", None) or t.shape)
 
 
 @contextmanager

@@ -422,12 +422,12 @@ class VLLMEngine(_Follows, _TextPrompts):
         if not self.in_process:
             raise RuntimeError("full-weight sync needs the in-process engine: unset VLLM_ENABLE_V1_MULTIPROCESSING "
                                "(or set it to 0) before building the VLLMEngine")
-        from posttrain.distributed import full_state_dict
+        from posttrain.distributed import full_tensors
 
-        # the full tensors under FSDP2 / ZeRO-3 (every rank syncs its own engine, so all take part in the gather);
-        # the state dict includes a tied lm_head.weight, which vLLM must receive too
-        with full_state_dict(model) as state:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        # the whole tensors under FSDP2 / ZeRO-3, gathered one at a time as vLLM copies each in (every rank syncs its
+        # own engine, so all take part in the gathers); the state dict includes a tied lm_head.weight, which vLLM
+        # must receive too
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_tensors(model)})
         self._lora_request = None
         self._weights_discarded = False
 
@@ -760,7 +760,7 @@ class VLLMServerEngine(_Follows, _TextPrompts):
     def _sync_full(self, model: Any, main: bool = True) -> None:
         import torch
 
-        from posttrain.distributed import full_state_dict
+        from posttrain.distributed import full_shape, full_tensors
 
         if len(self.servers) > 1:
             raise RuntimeError(f"full-weight sync goes to one vLLM server over NCCL, and base_url names "
@@ -775,15 +775,17 @@ class VLLMServerEngine(_Follows, _TextPrompts):
 
             self._client = VLLMClient(base_url=self.weight_sync_url, group_port=self.group_port)
             self._client.init_communicator(device=torch.cuda.current_device())
-        with full_state_dict(model, select=lambda m: dict(m.named_parameters())) as params:
-            if main:
-                # one weight update, as TRL's own server sync does: the server is told every tensor's name, dtype and
-                # shape, prepares its model once, and takes the tensors in one packed broadcast (a call per tensor
-                # would start and finish an update per tensor)
-                metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in params.items()]
-                self._client.update_named_params(metadata, ((name, t.data) for name, t in params.items()))
-        if main:
-            self._client.reset_prefix_cache()
+        # the whole parameters gathered one at a time (a collective under FSDP2 / ZeRO-3: every rank iterates) and
+        # sent as one weight update, as TRL's own server sync does: the server is told every tensor's name, dtype
+        # and shape, prepares its model once, and takes the tensors in one packed broadcast
+        tensors = full_tensors(model, lambda m: m.named_parameters())
+        if not main:
+            for _ in tensors:
+                pass
+            return
+        metadata = [(name, str(p.dtype).removeprefix("torch."), full_shape(p)) for name, p in model.named_parameters()]
+        self._client.update_named_params(metadata, tensors)
+        self._client.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
         logger.debug("VLLMServerEngine.sleep: the server manages its own memory")

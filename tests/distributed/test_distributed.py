@@ -182,6 +182,46 @@ def test_launch_summary_and_its_report_line():
     assert describe_launch(launch_summary(zero2_one_gpu)) == "Launch: 1 process (DEEPSPEED ZeRO-2) on cuda."
 
 
+def test_full_tensors_gathers_one_zero3_partition_at_a_time(monkeypatch):
+    """Weight sync streams the whole tensors: under ZeRO-3 each partition is gathered alone, and released before the
+    next (full_state_dict would hold the whole model), every state-dict entry (a tied weight under each name) in
+    the state dict's order; a plain tensor goes as it is, detached."""
+    import deepspeed
+
+    from posttrain.distributed import full_shape, full_tensors
+
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight  # tied, as an LM head
+    model.register_buffer("scale", torch.ones(2))
+    zero3 = model[0].weight
+    zero3.ds_id, zero3.ds_status, zero3.ds_shape = 0, "NOT_AVAILABLE", (5, 3)
+    whole = zero3.data.clone()
+    zero3.data = torch.empty(0)  # a partition
+    open_now, most_open = [], []
+
+    class Gathered:
+        def __init__(self, params, modifier_rank):
+            assert modifier_rank is None and params == [zero3]
+
+        def __enter__(self):
+            zero3.data = whole.clone()
+            open_now.append(1)
+            most_open.append(len(open_now))
+
+        def __exit__(self, *exc):
+            zero3.data = torch.empty(0)
+            open_now.pop()
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    seen = []
+    for name, tensor in full_tensors(model):
+        seen.append((name, tensor.shape, tensor.requires_grad, len(open_now)))
+    assert seen == [("scale", (2,), False, 0), ("0.weight", (5, 3), False, 1), ("1.weight", (5, 3), False, 1)]
+    assert max(most_open) == 1 and open_now == [] and zero3.numel() == 0  # partitioned again after each
+    assert [n for n, _ in full_tensors(model, lambda m: m.named_parameters())] == ["0.weight"]
+    assert full_shape(zero3) == [5, 3] and full_shape(torch.ones(2, 4)) == [2, 4]
+
+
 def test_eval_callback_refuses_a_sharded_trainer(tmp_path):
     from posttrain.eval.callback import add_eval_callback
 
