@@ -751,11 +751,12 @@ class VLLMServerEngine(_Follows, _TextPrompts):
         answer = session.get(f"{url}/server_info", params={"config_format": "json"}, timeout=self.timeout)
         engine = answer.json().get("vllm_config", {}).get("weight_transfer_config") if answer.ok else None
         if engine is None:
+            why = ("no development endpoints" if answer.status_code == 404 else
+                   "no weight-transfer engine" if answer.ok else f"/server_info answered {answer.status_code}")
             raise RuntimeError(
-                f"the vLLM server at {url} cannot take full-weight sync ("
-                + ("no development endpoints" if answer.status_code == 404 else "no weight-transfer engine")
-                + "): start it with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config '{\"backend\": \"nccl\"}' "
-                "(launch/vllm_server.sh MODEL --full-weights), or train a LoRA adapter (model.peft), synced as files")
+                f"the vLLM server at {url} cannot take full-weight sync ({why}): start it with "
+                "VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config '{\"backend\": \"nccl\"}' (launch/vllm_server.sh "
+                "MODEL --full-weights), or train a LoRA adapter (model.peft), synced as files")
 
     def _sync_full(self, model: Any, main: bool = True) -> None:
         import torch

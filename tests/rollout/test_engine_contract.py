@@ -253,6 +253,7 @@ class _Info:
 
 @pytest.mark.parametrize("info, problem", [(_Info(404), "no development endpoints"),
                                            (_Info(200), "no weight-transfer engine"),
+                                           (_Info(500), "/server_info answered 500"),
                                            (_Info(200, {"backend": "nccl"}), None)])
 def test_full_weight_sync_checks_its_server_when_the_engine_starts(monkeypatch, info, problem):
     """A trainer of full weights learns before its first step that the server cannot take them (TRL's client
