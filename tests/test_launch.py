@@ -267,11 +267,15 @@ def test_single_node_script_runs_a_job_here(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.multiproc
-def test_multi_node_script_runs_a_job_here(tmp_path):
+@pytest.mark.parametrize("config, launched", [("multi_node", ("MULTI_CPU", None, None)),
+                                              ("zero3", ("DEEPSPEED", 3, "zero3"))])
+def test_multi_node_script_runs_a_job_here(tmp_path, config, launched):
     """multi_node.sbatch on three "nodes" (all 127.0.0.1): a vLLM server on the last, and one accelerate launcher
-    for each of the other two, under launch/accelerate/multi_node.yaml (machine ranks 0 and 1 meeting at the head
-    node; fp32 here), through a stand-in `srun` that logs each step and runs it here, and a stand-in `scancel` that
-    stops the servers as the job's end would."""
+    for each of the other two, under launch/accelerate/multi_node.yaml or zero3.yaml (machine ranks 0 and 1 meeting
+    at the head node; fp32 here), through a stand-in `srun` that logs each step and runs it here, and a stand-in
+    `scancel` that stops the servers as the job's end would. Under zero3.yaml without `deepspeed_multinode_launcher:
+    standard`, accelerate handed each launcher to DeepSpeed's own pdsh runner, and each node trained alone (a world
+    of one process) into the same output folder."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/usr/bin/env bash\n'
@@ -281,13 +285,13 @@ def test_multi_node_script_runs_a_job_here(tmp_path):
     (fake / "scancel").write_text('#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f vllm_server.sh\n')
     for tool in ("srun", "scancel"):
         (fake / tool).chmod(0o755)
-    config = tmp_path / "multi_node.yaml"
-    config.write_text((LAUNCH / "accelerate/multi_node.yaml").read_text().replace("mixed_precision: bf16",
-                                                                                  "mixed_precision: 'no'"))
+    fp32 = tmp_path / f"{config}.yaml"
+    fp32.write_text((LAUNCH / f"accelerate/{config}.yaml").read_text().replace("mixed_precision: bf16",
+                                                                               "mixed_precision: 'no'"))
     srun_log = tmp_path / "srun.log"
     out = _run_for_real("slurm/multi_node.sbatch", tmp_path, _free_port(), PATH_FIRST=str(fake),
                         SLURM_NNODES="3", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1,127.0.0.1", SLURM_JOB_ID="7",
-                        GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(config), ADAPTER_DIR=str(tmp_path / "adapters"),
+                        GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(fp32), ADAPTER_DIR=str(tmp_path / "adapters"),
                         MAIN_PORT=str(_free_port()), SRUN_LOG=str(srun_log))
     steps = srun_log.read_text().splitlines()
     assert len(steps) == 4 and "launch/vllm_server.sh" in steps[0] and "-m posttrain eval" in steps[3]
@@ -295,6 +299,7 @@ def test_multi_node_script_runs_a_job_here(tmp_path):
         assert f"--num_machines 2 --machine_rank {rank} --num_processes 2 --main_process_ip 127.0.0.1" in step
     launch = json.loads((out / "report" / "summary.json").read_text())["launch"]
     assert launch["processes"] == 2  # one a "node", in one process group
+    assert (launch["distributed_type"], launch["zero_stage"], launch["sharding"]) == launched
 
 
 def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str, server: str | None = None
