@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.launchers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = {"cpu_2proc.yaml": "MULTI_GPU", "single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU",
@@ -159,12 +161,6 @@ def test_cpu_2proc_config_starts_two_gloo_processes(tmp_path):
     assert out == ["rank 0/2 backend gloo sum 3.0", "rank 1/2 backend gloo sum 3.0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -228,7 +224,7 @@ def test_vllm_server_script_starts_a_server_the_engine_can_sync_full_weights_to(
     from posttrain.rollout import SamplingParams
     from posttrain.rollout.vllm import VLLMServerEngine
 
-    model, port = str(pull_model("tiny-qwen2")), _free_port()
+    model, port = str(pull_model("tiny-qwen2")), free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as sink:
         server = subprocess.Popen(["bash", str(LAUNCH / "vllm_server.sh"), model, "--host", "127.0.0.1", "--port",
@@ -259,10 +255,25 @@ def test_vllm_server_script_starts_a_server_the_engine_can_sync_full_weights_to(
 @pytest.mark.multiproc
 def test_single_node_script_runs_a_job_here(tmp_path):
     """single_node.sbatch as sbatch runs it, on "3 GPUs": one serves, two train (launch/accelerate/cpu_2proc.yaml)."""
-    out = _run_for_real("slurm/single_node.sbatch", tmp_path, _free_port(), SLURM_GPUS_ON_NODE="3", SERVER_GPUS="1",
+    out = _run_for_real("slurm/single_node.sbatch", tmp_path, free_port(), SLURM_GPUS_ON_NODE="3", SERVER_GPUS="1",
                         ACCELERATE_CONFIG=str(LAUNCH / "accelerate/cpu_2proc.yaml"))
     assert json.loads((out / "report" / "summary.json").read_text())["launch"]["processes"] == 2
     assert "vLLM server ready at http://127.0.0.1:" in (out / "vllm_server_0.log").read_text()
+
+
+def _stand_in_slurm(tmp_path: Path, srun_body: str, stops: str) -> Path:
+    """A folder to put first on PATH with a stand-in `srun` (srun's own options dropped, then `srun_body` with the
+    step's command in "$@") and a stand-in `scancel` (the job's processes matching `stops` sent SIGTERM, as the
+    job's end would)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/usr/bin/env bash\n"
+                               "while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; "
+                               f"done\n{srun_body}\n")
+    (fake / "scancel").write_text(f'#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f {stops}\n')
+    for tool in ("srun", "scancel"):
+        (fake / tool).chmod(0o755)
+    return fake
 
 
 @pytest.mark.vllm
@@ -276,23 +287,15 @@ def test_multi_node_script_runs_a_job_here(tmp_path, config, launched):
     `scancel` that stops the servers as the job's end would. Under zero3.yaml without `deepspeed_multinode_launcher:
     standard`, accelerate handed each launcher to DeepSpeed's own pdsh runner, and each node trained alone (a world
     of one process) into the same output folder."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text('#!/usr/bin/env bash\n'
-                               'echo "srun $*" >> "$SRUN_LOG"\n'
-                               'while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; '
-                               'done\nexec "$@"\n')
-    (fake / "scancel").write_text('#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f vllm_server.sh\n')
-    for tool in ("srun", "scancel"):
-        (fake / tool).chmod(0o755)
+    srun_log = tmp_path / "srun.log"
+    fake = _stand_in_slurm(tmp_path, f'echo "$*" >> {srun_log}\nexec "$@"', stops="vllm_server.sh")
     fp32 = tmp_path / f"{config}.yaml"
     fp32.write_text((LAUNCH / f"accelerate/{config}.yaml").read_text().replace("mixed_precision: bf16",
                                                                                "mixed_precision: 'no'"))
-    srun_log = tmp_path / "srun.log"
-    out = _run_for_real("slurm/multi_node.sbatch", tmp_path, _free_port(), PATH_FIRST=str(fake),
+    out = _run_for_real("slurm/multi_node.sbatch", tmp_path, free_port(), PATH_FIRST=str(fake),
                         SLURM_NNODES="3", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1,127.0.0.1", SLURM_JOB_ID="7",
                         GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(fp32), ADAPTER_DIR=str(tmp_path / "adapters"),
-                        MAIN_PORT=str(_free_port()), SRUN_LOG=str(srun_log))
+                        MAIN_PORT=str(free_port()))
     steps = srun_log.read_text().splitlines()
     assert len(steps) == 4 and "launch/vllm_server.sh" in steps[0] and "-m posttrain eval" in steps[3]
     for rank, step in enumerate(sorted(steps[1:3], key=lambda s: "--machine_rank 1" in s)):
@@ -311,22 +314,14 @@ def _stand_in_cluster(tmp_path: Path, rank0: str, rank1: str, server: str | None
     web = tmp_path / "web"
     web.mkdir()
     (web / "health").write_text("ok")
-    port = _free_port()
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(f'''#!/usr/bin/env bash
-while [[ $# -gt 0 ]]; do case $1 in --nodes|--ntasks|-w) shift 2 ;; *) break ;; esac; done
-case "$*" in
+    port = free_port()
+    fake = _stand_in_slurm(tmp_path, f'''case "$*" in
   *vllm_server.sh*) {server or f"exec {sys.executable} -m http.server {port} --bind 127.0.0.1 --directory {web}"} ;;
   *"--machine_rank 0"*) {rank0} ;;
   *"--machine_rank 1"*) {rank1} ;;
   *"posttrain eval"*) if [[ -e {tmp_path}/final ]]; then echo "eval after the final model"; else echo "eval early"
                       fi >> {tmp_path}/steps ;;
-esac
-''')
-    (fake / "scancel").write_text('#!/usr/bin/env bash\npkill -TERM -P "$PPID" -f http.server\n')
-    for tool in ("srun", "scancel"):
-        (fake / tool).chmod(0o755)
+esac''', stops="http.server")
     env = {"PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable, "RECIPE": "recipes/grpo/grpo.yaml",
            "MODEL": "tiny-qwen2", "ADAPTER_DIR": str(tmp_path / "a"), "SLURM_NNODES": "3", "SLURM_JOB_ID": "7",
            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1,127.0.0.1", "GPUS_PER_NODE": "1", "PORT": str(port)}

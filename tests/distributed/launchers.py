@@ -4,6 +4,7 @@ ranks on CPU; DeepSpeed's as they are: DeepSpeed runs on its CPU accelerator ove
 `-m posttrain ...`, and its arguments."""
 
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,13 @@ def _exe(name: str) -> str:
     exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     assert exe, f"{name} not found"
     return exe
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server or a rendezvous the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def torchrun(nproc: int, port: int) -> list[str]:

@@ -9,7 +9,6 @@ Run: .venv/bin/pytest -m vllm tests/rollout/test_vllm_server.py -q   (part of `m
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ import torch  # noqa: E402
 from posttrain.models import load_model, load_tokenizer, lora_config, pull_model  # noqa: E402
 from posttrain.rollout import SamplingParams  # noqa: E402
 from posttrain.rollout.vllm import VLLMServerEngine  # noqa: E402
+from tests.distributed.launchers import free_port  # noqa: E402
 
 TEMPERATURE = 0.9
 TOLERANCE = 1e-2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def path():
 
 def _start(path, log):
     """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) on a free port, LoRA updating on."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-lora-rank", "8",
