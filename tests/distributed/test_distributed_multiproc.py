@@ -1,7 +1,7 @@
 """posttrain.distributed under two real processes (torchrun, gloo on CPU): main-process-only work that outlasts the
 process group's timeout, its failure reaching every rank, FSDP2's full tensors for weight sync, the vLLM server
-client's weight sync from the main process only, to every server; and a recipe trained under the FSDP2 CPU-offload
-config."""
+client's weight sync from the main process only, to every server; a recipe trained under the FSDP2 CPU-offload
+config; and the shipped FSDP2 configs wrapping the decoder layers of more than one model family."""
 
 import json
 import os
@@ -46,6 +46,25 @@ def test_fsdp2_full_state_dict_is_the_unsharded_model_on_every_rank(tmp_path):
         assert rank["needs_gather"]
         assert all(rank["equal"].values()), rank["equal"]
         assert rank["shapes"]["0.weight"] == [8, 6] and rank["local_shapes"]["0.weight"] == [4, 6]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(("config", "family", "adapter"), [("fsdp2", "llama", "full"), ("fsdp2_offload", "qwen2", "lora")])
+def test_the_fsdp2_configs_shard_every_decoder_layer_of_any_model_family(tmp_path, config, family, adapter):
+    """The shipped FSDP2 configs name no layer class: accelerate wraps the model's own `_no_split_modules`, so a Llama
+    (SmolLM2, Llama-3) gets one FSDP unit a decoder layer as a Qwen2 does. With the class named in the config
+    (Qwen2DecoderLayer, as shipped before) preparing a Llama failed."""
+    from tests.distributed import launchers
+
+    cmd = [*launchers.accelerate(config, 2, launchers.free_port()), str(WORKER), "fsdp2_config_wraps_each_decoder_layer", str(tmp_path),
+           family, adapter]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == {"layer_class": f"FSDP{'Llama' if family == 'llama' else 'Qwen2'}DecoderLayer",
+                        "wrapped": [True, True]}
 
 
 @pytest.mark.multiproc

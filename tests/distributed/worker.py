@@ -1,7 +1,9 @@
-"""Scenarios of tests/distributed/test_distributed_multiproc.py, one per torchrun launch (gloo on CPU). Each rank
-writes what it saw to OUT/rank<r>.json.
+"""Scenarios of tests/distributed/test_distributed_multiproc.py, one per launch of two processes (gloo on CPU). Each
+rank writes what it saw to OUT/rank<r>.json.
 
     torchrun --nproc_per_node 2 tests/distributed/worker.py SCENARIO OUT
+    accelerate launch --config_file launch/accelerate/fsdp2.yaml ... tests/distributed/fsdp_cpu.py \
+        tests/distributed/worker.py fsdp2_config_wraps_each_decoder_layer OUT FAMILY lora|full
 """
 
 import json
@@ -58,6 +60,28 @@ def fsdp2_full_state_dict() -> dict:
         equal = {k: bool(torch.equal(state[k].cpu(), reference[k])) for k in reference}
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     return {"needs_gather": needs_gather(model), "equal": equal, "shapes": shapes, "local_shapes": local}
+
+
+def fsdp2_config_wraps_each_decoder_layer() -> dict:
+    """Run under `accelerate launch --config_file launch/accelerate/fsdp2.yaml` (through fsdp_cpu.py) with a model
+    family and lora|full as extra arguments: accelerate's FSDP2 preparation makes every decoder layer its own FSDP
+    unit (the layer class comes from the model's own `_no_split_modules`, not from a class named in the config)."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, lora = sys.argv[3], sys.argv[4] == "lora"
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    accelerator = Accelerator(cpu=True)  # as the trainers build it on CPU (transformers' TrainingArguments)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))  # FSDP2 prepares the two together
+    layers = (model.get_base_model() if lora else model).model.layers
+    return {"layer_class": type(layers[0]).__name__, "wrapped": [isinstance(layer, FSDPModule) for layer in layers]}
 
 
 class _Response:
@@ -120,7 +144,8 @@ class _Tiny(torch.nn.Module):
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo", timeout=PG_TIMEOUT)
+    if not SCENARIO.startswith("fsdp2_config"):  # those run under accelerate launch: the Accelerator sets up the group
+        dist.init_process_group("gloo", timeout=PG_TIMEOUT)
     out = globals()[SCENARIO]()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
