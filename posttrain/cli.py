@@ -32,10 +32,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume = "last"
     recipe = load_recipe(find_recipe(args.recipe), overrides)
     result = run_recipe(recipe, resume=resume, force_resume=args.force_resume)
-    from posttrain.distributed import rank_info
+    from posttrain.distributed import end_distributed, rank_info
 
     if rank_info()[0] == 0:  # once, not once per process
         print(f"[posttrain] outputs in {result.output_dir}; report in {result.report_dir}")
+    end_distributed()
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.distributed import main_process_only
 from posttrain.pipelines.base import RunContext, is_main_process, write_report
 from posttrain.recipe import Recipe
 
@@ -52,6 +53,8 @@ def run_recipe(recipe: Recipe, resume: str | bool | None = None, force_resume: b
         recipe.save(ctx.report_dir)
     ctx.model, ctx.tokenizer = pipeline.load(ctx)
     outcome = pipeline.run(ctx, prepared)
-    if ctx.is_main:
-        pipeline.write_report(ctx, outcome)
+    # The other ranks wait (on the store, past the process group's timeout) until the main process has finished its
+    # own work after training (a kind's main-process steps, such as a reward ensemble's calibration, then the report)
+    # and leave together with it: a rank that exits while the main process still works can take the launcher down.
+    main_process_only(lambda: pipeline.write_report(ctx, outcome), what="report")
     return RunResult(output_dir=output_dir, report_dir=ctx.report_dir, summary=outcome.summary)

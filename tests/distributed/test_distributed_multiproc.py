@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launchers import torchrun
+from tests.distributed.launchers import free_port, torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -65,6 +65,40 @@ def test_the_fsdp2_configs_shard_every_decoder_layer_of_any_model_family(tmp_pat
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen == {"layer_class": f"FSDP{'Llama' if family == 'llama' else 'Qwen2'}DecoderLayer",
                         "wrapped": [True, True]}
+
+
+_SLOW_REPORT = """
+import atexit, os, runpy, sys, time
+import posttrain.pipelines.grpo as grpo
+out, rank = sys.argv.pop(1), int(os.environ["RANK"])
+write_report = grpo.GRPOPipeline.write_report
+def slow_report(self, ctx, outcome):  # the main process's work after training, made long
+    time.sleep(8)
+    write_report(self, ctx, outcome)
+    open(f"{out}/report_written", "w").write(repr(time.time()))
+grpo.GRPOPipeline.write_report = slow_report
+atexit.register(lambda: open(f"{out}/exit{rank}", "w").write(repr(time.time())))
+sys.argv = ["posttrain", *sys.argv[1:]]
+runpy.run_module("posttrain", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.multiproc
+def test_every_rank_leaves_posttrain_train_after_the_main_process_has_written_the_report(tmp_path):
+    """`posttrain train` under two processes: the other rank waits for the main process's work after training (here
+    a report that takes 8 s) and exits with it, not before; a rank that left early once aborted at exit (SIGABRT)
+    and took the launch down after the training had succeeded."""
+    script = tmp_path / "slow_report.py"
+    script.write_text(_SLOW_REPORT)
+    cmd = [*torchrun(2, free_port()), str(script), str(tmp_path), "train", str(REPO / "recipes/grpo/grpo.yaml"),
+           "model.name_or_path=tiny-qwen2", "rollout.max_new_tokens=8", "trainer.per_device_train_batch_size=8",
+           "trainer.max_steps=1", "eval.before=false", "eval.after=false", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = float((tmp_path / "report_written").read_text())
+    assert float((tmp_path / "exit1").read_text()) >= written
+    assert (tmp_path / "run" / "report" / "summary.json").is_file()
 
 
 @pytest.mark.multiproc
