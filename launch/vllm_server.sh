@@ -45,14 +45,15 @@ while [[ $# -gt 0 ]]; do
 done
 
 # vLLM takes --max-lora-rank only from a fixed set (as posttrain/rollout/vllm.py's _vllm_lora_rank): round R up
+VLLM_LORA_RANKS=(1 8 16 32 64 128 256 320 512)
 [[ $MAX_LORA_RANK =~ ^[0-9]+$ ]] || {
   echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK is not a number" >&2; exit 2; }
-for allowed in 1 8 16 32 64 128 256 320 512 none; do
-  [[ $allowed == none ]] && {
-    echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK is above vLLM's largest, 512" >&2; exit 2; }
+(( MAX_LORA_RANK <= VLLM_LORA_RANKS[-1] )) || {
+  echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK is above vLLM's largest, ${VLLM_LORA_RANKS[-1]}" >&2; exit 2; }
+for allowed in "${VLLM_LORA_RANKS[@]}"; do
   if (( allowed >= MAX_LORA_RANK )); then
     (( allowed == MAX_LORA_RANK )) || echo "vllm_server.sh: --max-lora-rank $MAX_LORA_RANK rounded up to $allowed," \
-      "the next rank vLLM accepts (1 8 16 32 64 128 256 320 512)" >&2
+      "the next rank vLLM accepts (${VLLM_LORA_RANKS[*]})" >&2
     MAX_LORA_RANK=$allowed; break
   fi
 done
